@@ -1,0 +1,45 @@
+//! The small backing service that upstream mode proxies to: plain HTTP/1.1 answering the
+//! static site (`GET /` is `Hello SRE!`). It exists so that the appliance can be run and
+//! tested end to end in upstream mode with nothing else installed.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use crate::cli::BackendArgs;
+use crate::listeners::{self, ListenError};
+use crate::responses::static_site;
+use crate::signals;
+
+/// Serves until SIGTERM or SIGINT.
+pub async fn run(args: BackendArgs) -> Result<(), ListenError> {
+    let listener = listeners::bind(args.listen)?;
+    tracing::info!(listen = %args.listen, "backend ready");
+    let stop = signals::terminate();
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => return Ok(()),
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = service_fn(|request: hyper::Request<Incoming>| {
+                let response = static_site(request.method(), request.uri().path());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,105 @@
+//! `proxy serve`: load configuration and certificates, bind the listeners, serve until
+//! SIGTERM/SIGINT, then drain. Start-up fails with one clear error; after start-up,
+//! nothing a reload or a client does can stop the proxy serving.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::certificates::{self, CertError};
+use crate::cli::ServeArgs;
+use crate::config::{Config, ConfigError};
+use crate::listeners::{self, ListenError};
+use crate::metrics::Metrics;
+use crate::server::{ListenerKind, Server};
+use crate::tls::{self, CertStore};
+use crate::tls_manager::TlsManager;
+use crate::{admin, ebpf, signals};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// No certificate could be obtained.
+    #[error(transparent)]
+    Certificate(#[from] CertError),
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// rustls refused the TLS configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The metrics registry refused a metric.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Serves until a termination signal, then drains in-flight requests.
+pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+    let config = Config::load(&args)?;
+    let metrics = Metrics::new()?;
+    // Before the listeners exist, so that the kernel observer sees them from the start.
+    ebpf::attach(&metrics);
+
+    let initial = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || certificates::obtain(&config, &tls::provider()))
+            .await
+            .map_err(|e| CertError::Pem {
+                path: Default::default(),
+                reason: e.to_string(),
+            })??
+    };
+    tracing::info!(serial = %initial.leaf.serial, names = ?initial.leaf.names.iter().map(ToString::to_string).collect::<Vec<_>>(), "certificate loaded");
+    let certs = CertStore::new(initial);
+    let manager = TlsManager::new(args.clone(), config.clone(), certs.clone(), metrics.clone());
+
+    let http = listeners::bind(config.http_listen)?;
+    let https = listeners::bind(config.https_listen)?;
+    let admin_listener = listeners::bind(config.admin_listen)?;
+
+    let server = Server::new(&config, metrics.clone(), certs)?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let accept_http = tokio::spawn(server.clone().accept_loop(http, ListenerKind::Http));
+    let accept_https = tokio::spawn(server.clone().accept_loop(https, ListenerKind::Https));
+    tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
+    tokio::spawn({
+        let manager = manager.clone();
+        let shutdown = server.shutdown.clone();
+        async move { manager.renew_forever(shutdown).await }
+    });
+    if let Some(mut hangups) = signals::hangups() {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::info!("SIGHUP received: reloading configuration and certificates");
+                manager.reload().await;
+            }
+        });
+    }
+
+    ready.store(true, Ordering::Release);
+    tracing::info!(
+        http = %config.http_listen,
+        https = %config.https_listen,
+        admin = %config.admin_listen,
+        upstream = config.upstream.as_ref().map(|u| u.uri.to_string()),
+        "proxy ready"
+    );
+
+    signals::terminate().await;
+    ready.store(false, Ordering::Release);
+    server.shutdown.cancel();
+    let _ = tokio::join!(accept_http, accept_https);
+    server.connections.close();
+    tracing::info!(in_flight = server.connections.len(), deadline = ?config.timeouts.drain, "draining connections");
+    match tokio::time::timeout(config.timeouts.drain, server.connections.wait()).await {
+        Ok(()) => tracing::info!("drained; exiting"),
+        Err(_) => tracing::warn!(
+            abandoned = server.connections.len(),
+            "drain deadline passed; exiting"
+        ),
+    }
+    Ok(())
+}

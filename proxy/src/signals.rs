@@ -1,0 +1,23 @@
+//! Unix signals the processes react to: SIGTERM/SIGINT (drain and exit) and SIGHUP (reload).
+
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Resolves at the first SIGTERM or SIGINT.
+pub async fn terminate() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the default action (exit) still applies.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// A stream of SIGHUPs; `None` if the handler cannot be installed.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    signal(SignalKind::hangup()).ok()
+}
