@@ -97,10 +97,10 @@ pub fn check(config: &Config, provider: &CryptoProvider) -> Result<String, CertE
                 rfc3339(serving.leaf.not_after)
             ))
         }
-        TlsSource::LocalCa => match LocalCa::load(&config.state_dir) {
+        TlsSource::LocalCa => match LocalCa::load(&config.ca_dir) {
             Ok(ca) => Ok(format!(
                 "local CA in {} valid until {} (SHA-256 {})",
-                config.state_dir.display(),
+                config.ca_dir.display(),
                 rfc3339(ca.info().not_after),
                 ca.fingerprint_sha256()
             )),
@@ -140,7 +140,7 @@ fn obtain_from_local_ca(
     provider: &CryptoProvider,
     force_new: bool,
 ) -> Result<ServingCert, CertError> {
-    let ca = LocalCa::load_or_init(&config.state_dir, &config.names)?;
+    let ca = LocalCa::load_or_init(&config.ca_dir, &config.names)?;
     let leaf_path = config.state_dir.join("leaf.pem");
     let key_path = config.state_dir.join("leaf.key");
     if !force_new
@@ -160,18 +160,13 @@ fn obtain_from_local_ca(
         renew_at: Some(renew_at(&serving.leaf, config.leaf_lifetime)),
         ..serving
     };
-    state_dir::write_atomic(&key_path, issued.key_pem.as_bytes(), KEY_MODE).map_err(|source| {
-        CertError::Write {
-            path: key_path.clone(),
-            source,
-        }
-    })?;
-    state_dir::write_atomic(&leaf_path, issued.cert_pem.as_bytes(), CERT_MODE).map_err(
-        |source| CertError::Write {
-            path: leaf_path.clone(),
-            source,
-        },
-    )?;
+    // The leaf is only a cache: when the state directory is read-only or full, serve the
+    // new leaf from memory rather than stop serving.
+    let persisted = state_dir::write_atomic(&key_path, issued.key_pem.as_bytes(), KEY_MODE)
+        .and_then(|()| state_dir::write_atomic(&leaf_path, issued.cert_pem.as_bytes(), CERT_MODE));
+    if let Err(e) = persisted {
+        tracing::warn!(dir = %config.state_dir.display(), error = %e, "cannot store the new leaf; serving it from memory");
+    }
     tracing::info!(serial = %serving.leaf.serial, not_after = %rfc3339(serving.leaf.not_after), "issued leaf certificate");
     Ok(serving)
 }

@@ -63,6 +63,9 @@ pub struct ServeArgs {
     /// Directory for the local CA and leaf (created 0700) [default: /var/lib/proxy].
     #[arg(long, env = "PROXY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Directory holding the shared CA's ca.pem and ca.key [default: the state directory].
+    #[arg(long, env = "PROXY_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
     /// Names the leaf certificate covers; repeat or comma-separate
     /// [default: localhost, the host name, 127.0.0.1, ::1].
     #[arg(long = "name", env = "PROXY_NAMES", value_delimiter = ',')]

@@ -27,6 +27,9 @@ pub struct Config {
     /// Port written into redirect Locations (omitted when 443).
     pub public_https_port: u16,
     pub state_dir: PathBuf,
+    /// Where `ca.pem` and `ca.key` live: the state directory unless the CA is shared (for
+    /// example mounted from a Kubernetes Secret).
+    pub ca_dir: PathBuf,
     /// Names the local CA's leaf covers (ignored with bring-your-own certificates).
     pub names: Vec<ServedName>,
     pub leaf_lifetime: Duration,
@@ -107,6 +110,7 @@ struct FileConfig {
     admin_listen: Option<SocketAddr>,
     public_https_port: Option<u16>,
     state_dir: Option<PathBuf>,
+    ca_dir: Option<PathBuf>,
     names: Option<Vec<String>>,
     #[serde(default, with = "humantime_serde")]
     leaf_lifetime: Option<Duration>,
@@ -170,6 +174,11 @@ impl Config {
             .https_listen
             .or(file.https_listen)
             .unwrap_or(any(unspecified, 443));
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         let names_raw: Vec<String> = if !args.names.is_empty() {
             args.names.clone()
         } else {
@@ -285,11 +294,12 @@ impl Config {
                 .public_https_port
                 .or(file.public_https_port)
                 .unwrap_or(https_listen.port()),
-            state_dir: args
-                .state_dir
+            ca_dir: args
+                .ca_dir
                 .clone()
-                .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+                .or(file.ca_dir)
+                .unwrap_or_else(|| state_dir.clone()),
+            state_dir,
             names,
             leaf_lifetime,
             tls,

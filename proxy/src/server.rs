@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{HOST, HeaderValue};
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,7 +23,7 @@ use crate::activity::{Activity, TrackedBody};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::redirect;
-use crate::responses::{Body, static_site};
+use crate::responses::{Body, static_site, text};
 use crate::tls::{self, CertStore};
 use crate::upstream::Upstream;
 
@@ -118,6 +118,8 @@ impl Server {
             match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    // Dual-stack listeners report IPv4 clients as ::ffff:a.b.c.d.
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                     self.connections
                         .spawn(self.clone().serve_connection(stream, peer, kind, slot));
                 }
@@ -255,6 +257,11 @@ impl ConnContext {
             })
             .unwrap_or_default();
         let response: Response<Body> = match self.kind {
+            // hyper enforces the count for HTTP/1.1 itself; HTTP/2 limits only header bytes.
+            _ if request.headers().len() > server.config.limits.max_headers => text(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many header fields\n",
+            ),
             ListenerKind::Http => redirect::respond(redirect::decide(
                 &request,
                 |host| server.certs.serves(host),
@@ -291,12 +298,17 @@ impl ConnContext {
             path,
             version = ?version,
             status = status.as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            tls_handshake_ms = self.tls_handshake.map(|d| d.as_secs_f64() * 1e3),
+            duration_ms = millis(elapsed),
+            tls_handshake_ms = self.tls_handshake.map(millis),
             "request"
         );
         response.map(|body| TrackedBody::new(body, in_flight))
     }
+}
+
+/// Milliseconds rounded to microseconds, for log fields.
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1e6).round() / 1e3
 }
 
 fn add_security_headers(headers: &mut http::HeaderMap, hsts: &HeaderValue) {
