@@ -1,5 +1,7 @@
-//! Binding the listening sockets: dual-stack where IPv6 exists, a deep accept queue, and an
-//! error that says what to do when a port below 1024 needs privilege.
+//! The listening sockets: taken over from a supervisor (systemd socket activation, or a
+//! predecessor handing them on through `LISTEN_FDS`) so that restarts refuse no client, or
+//! bound here: dual-stack where IPv6 exists, a deep accept queue, and an error that says
+//! what to do when a port below 1024 needs privilege.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -22,6 +24,58 @@ pub enum ListenError {
     /// Any other bind or listen failure.
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// Listening sockets inherited through `LISTEN_FDS`, not yet claimed by a listener.
+#[derive(Debug, Default)]
+pub struct Inherited(Vec<std::net::TcpListener>);
+
+impl Inherited {
+    /// Takes the TCP listeners passed to this process (`LISTEN_PID` must be ours).
+    pub fn from_env() -> Self {
+        let mut fds = listenfd::ListenFd::from_env();
+        Inherited(
+            (0..fds.len())
+                .filter_map(|i| fds.take_tcp_listener(i).ok().flatten())
+                .collect(),
+        )
+    }
+
+    /// Claims the inherited socket listening on `addr`: same port, and the same IP or both
+    /// unspecified (`[::]` and `0.0.0.0` both mean "every address").
+    fn take(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let position = self.0.iter().position(|listener| {
+            listener.local_addr().is_ok_and(|local| {
+                local.port() == addr.port()
+                    && (local.ip() == addr.ip()
+                        || (local.ip().is_unspecified() && addr.ip().is_unspecified()))
+            })
+        })?;
+        Some(self.0.swap_remove(position))
+    }
+
+    /// Addresses of inherited sockets that no listener claimed.
+    pub fn unclaimed(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|l| {
+                l.local_addr()
+                    .map_or_else(|e| e.to_string(), |a| a.to_string())
+            })
+            .collect()
+    }
+}
+
+/// The listener for `addr`: the inherited socket if there is one, else a new one.
+pub fn listen(addr: SocketAddr, inherited: &mut Inherited) -> Result<TcpListener, ListenError> {
+    let Some(listener) = inherited.take(addr) else {
+        return bind(addr);
+    };
+    tracing::info!(%addr, "using inherited listening socket");
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|source| ListenError::Bind { addr, source })
 }
 
 /// Binds `addr`. An unspecified IPv6 address listens dual-stack, falling back to IPv4 only

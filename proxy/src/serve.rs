@@ -55,9 +55,13 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let certs = CertStore::new(initial);
     let manager = TlsManager::new(args.clone(), config.clone(), certs.clone(), metrics.clone());
 
-    let http = listeners::bind(config.http_listen)?;
-    let https = listeners::bind(config.https_listen)?;
-    let admin_listener = listeners::bind(config.admin_listen)?;
+    let mut inherited = listeners::Inherited::from_env();
+    let http = listeners::listen(config.http_listen, &mut inherited)?;
+    let https = listeners::listen(config.https_listen, &mut inherited)?;
+    let admin_listener = listeners::listen(config.admin_listen, &mut inherited)?;
+    if !inherited.unclaimed().is_empty() {
+        tracing::warn!(sockets = ?inherited.unclaimed(), "inherited sockets match no configured listener; closing them");
+    }
 
     let server = Server::new(&config, metrics.clone(), certs)?;
     let ready = Arc::new(AtomicBool::new(false));

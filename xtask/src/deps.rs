@@ -1,0 +1,99 @@
+//! The system packages the tests need, and making sure they are present: on Debian as root,
+//! missing ones are installed with apt; anywhere else the task says what is missing and how to
+//! install it, then carries on (the tests that need a tool say so themselves).
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{exec::exec, privilege};
+
+/// Debian packages the tests use. Later work appends here (prometheus, bpftool...).
+pub const PACKAGES: &[&str] = &[
+    "iproute2", // `ip netns`, `ss`: private network namespaces for end-to-end tests
+    "openssl",  // `openssl s_client`/`x509`: checking certificates as a client would
+    "curl",     // a real HTTP client against the running proxy
+    "procps",   // `ps`, `pgrep`, `free`: processes and the machine
+];
+
+/// Makes sure every package of [`PACKAGES`] is installed, installing what is missing when this
+/// is Debian and we are root.
+pub fn ensure() -> Result<()> {
+    if !Path::new("/etc/debian_version").exists() {
+        println!(
+            "not Debian: cannot check system packages; the tests need the equivalents of: {}",
+            PACKAGES.join(" ")
+        );
+        return Ok(());
+    }
+    let missing = missing(PACKAGES)?;
+    if missing.is_empty() {
+        println!("system packages present: {}", PACKAGES.join(" "));
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !privilege::is_root() {
+        println!("missing system packages: {list}");
+        println!("install them with: sudo apt-get install -y --no-install-recommends {list}");
+        println!("(continuing: the tests that need them will say so)");
+        return Ok(());
+    }
+    println!("installing missing system packages: {list}");
+    exec(apt_get().arg("update"))?;
+    exec(
+        apt_get()
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    let still = self::missing(&missing)?;
+    if !still.is_empty() {
+        bail!("still missing after apt-get install: {}", still.join(" "));
+    }
+    Ok(())
+}
+
+/// The packages of `packages` that dpkg does not report as installed.
+fn missing<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
+    let mut missing = Vec::new();
+    for &package in packages {
+        // Exits 1 for a package dpkg has never heard of: that is "missing" too.
+        let out = Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", package])
+            .output()
+            .context("failed to run dpkg-query")?;
+        if !is_installed(&String::from_utf8_lossy(&out.stdout)) {
+            missing.push(package);
+        }
+    }
+    Ok(missing)
+}
+
+/// Whether a dpkg `${Status}` ("want flag state", e.g. `install ok installed`) means installed.
+fn is_installed(status: &str) -> bool {
+    status.split_whitespace().last() == Some("installed")
+}
+
+fn apt_get() -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(status: &str, expected: bool) {
+        assert_eq!(is_installed(status), expected, "{status:?}");
+    }
+
+    #[test]
+    fn reads_dpkg_status() {
+        check("install ok installed", true);
+        check("hold ok installed", true);
+        check("deinstall ok config-files", false);
+        check("install ok half-installed", false);
+        check("unknown ok not-installed", false);
+        check("", false);
+    }
+}

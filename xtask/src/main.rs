@@ -1,0 +1,42 @@
+//! The project's task runner (`cargo xtask <task>`): one module per task, every external
+//! command run through [`exec::exec`]. See `cargo xtask --help`.
+
+mod deps;
+mod exec;
+mod phase;
+mod privilege;
+mod run;
+mod test;
+mod workspace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Tasks of the proxy workspace.
+#[derive(Debug, Parser)]
+#[command(bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Run every test of the project: system packages, fmt, clippy, build, tests.
+    Test(test::Options),
+    /// Build the proxy and serve on :80/:443 with the embedded defaults.
+    Run(run::Options),
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().task {
+        Task::Test(opts) => test::test(opts),
+        Task::Run(opts) => {
+            // `run` only returns on failure: on success the proxy replaced this process.
+            let Err(e) = run::run(opts);
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

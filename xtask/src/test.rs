@@ -1,0 +1,69 @@
+//! `cargo xtask test`: every test of the project, in the order a reviewer would run them: the
+//! system packages the tests need, formatting, clippy, then the proxy binary and the whole
+//! workspace's tests against it (end-to-end tests find it through `PROXY_BIN`).
+
+use std::process::ExitCode;
+
+use crate::{
+    deps,
+    exec::exec,
+    phase::{self, Phase},
+    workspace,
+};
+
+/// Options of `cargo xtask test`.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// A fast loop while editing: skip the system packages and clippy, and let end-to-end
+    /// tests skip (loudly) when they cannot run instead of failing.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// Runs the phases; fails at the first failing one, after printing the summary.
+pub fn test(Options { quick }: Options) -> ExitCode {
+    let proxy_bin = workspace::proxy_bin(false);
+    let phases = vec![
+        if quick {
+            Phase::skip("deps", "--quick")
+        } else {
+            Phase::new("deps", deps::ensure)
+        },
+        Phase::new("fmt", || {
+            exec(workspace::cargo().args(["fmt", "--all", "--check"]))
+        }),
+        if quick {
+            Phase::skip("clippy", "--quick")
+        } else {
+            Phase::new("clippy", || {
+                exec(workspace::cargo().args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--locked",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))
+            })
+        },
+        Phase::new("build", || {
+            exec(workspace::cargo().args(["build", "--locked", "-p", "proxy"]))
+        }),
+        Phase::new("test", || {
+            let mut cmd = workspace::cargo();
+            // Every failure shows, not only the first test binary's.
+            cmd.args(["test", "--workspace", "--locked", "--no-fail-fast"])
+                .env("PROXY_BIN", &proxy_bin);
+            if !quick {
+                cmd.env("PROXY_E2E_REQUIRE", "1");
+            }
+            exec(&mut cmd)
+        }),
+    ];
+    if phase::run_all(phases) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

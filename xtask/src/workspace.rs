@@ -1,0 +1,52 @@
+//! Where things are: the workspace root (the parent of this crate's manifest directory), the
+//! cargo commands started there, and the target directory their builds land in
+//! (`CARGO_TARGET_DIR` when set, else `<workspace>/target`).
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// The workspace root: xtask lives one level below it. `cargo run` says where xtask's manifest
+/// is; the path compiled in is the fallback (a binary built in another copy of the workspace may
+/// be reused when the sources did not change).
+pub fn root() -> PathBuf {
+    let manifest_dir = env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or(manifest_dir)
+}
+
+/// The directory cargo builds into, absolute.
+pub fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        // Cargo reads a relative CARGO_TARGET_DIR against the directory it was started in.
+        Some(dir) => env::current_dir()
+            .map(|cwd| cwd.join(&dir))
+            .unwrap_or_else(|_| PathBuf::from(dir)),
+        None => root().join("target"),
+    }
+}
+
+/// The binary `cargo build -p proxy` writes, for the debug or release profile.
+pub fn proxy_bin(release: bool) -> PathBuf {
+    target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("proxy")
+}
+
+/// A `cargo` command started in the workspace root, building into [`target_dir`]. Plain
+/// `cargo` from `PATH`: under rustup it runs the toolchain that runs xtask.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root());
+    // Started elsewhere, cargo would read a relative CARGO_TARGET_DIR against another directory.
+    if env::var_os("CARGO_TARGET_DIR").is_some_and(|dir| Path::new(&dir).is_relative()) {
+        cmd.env("CARGO_TARGET_DIR", target_dir());
+    }
+    cmd
+}
