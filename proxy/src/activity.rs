@@ -48,6 +48,11 @@ impl Activity {
         InFlight(self.clone())
     }
 
+    /// Whether the connection has sent at least one request.
+    pub fn any_request(&self) -> bool {
+        self.requests.load(Ordering::Acquire) > 0
+    }
+
     /// Resolves when the connection has broken a deadline: no first request within
     /// `first_request`, or no request in flight for `idle`.
     pub async fn expired(&self, first_request: Duration, idle: Duration) {

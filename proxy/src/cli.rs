@@ -104,7 +104,7 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish [default: 30s].
     #[arg(long, env = "PROXY_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     pub drain_timeout: Option<Duration>,
-    /// Largest request head in bytes; beyond it 431 [default: 16384].
+    /// Largest request head in bytes, at least 8192; beyond it 431 [default: 16384].
     #[arg(long, env = "PROXY_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
     /// Most header fields in a request; beyond it 431 [default: 100].

@@ -63,10 +63,25 @@ pub fn decide<B>(
     } else {
         format!(":{https_port}")
     };
+    let path_and_query = percent_encode_non_ascii(path_and_query);
     Decision::Redirect(format!(
         "https://{}{port}{path_and_query}",
         host.to_authority_host()
     ))
+}
+
+/// Keeps the target byte for byte except bytes a URI may not hold raw (RFC 3986: non-ASCII
+/// and controls), which are percent-encoded, so that the Location is a valid URI.
+fn percent_encode_non_ascii(target: &str) -> String {
+    let mut out = String::with_capacity(target.len());
+    for byte in target.bytes() {
+        if byte.is_ascii_graphic() {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// The HTTP response for a decision.
@@ -128,6 +143,12 @@ mod tests {
             Some("localhost"),
             443,
             Ok("https://localhost/%7Euser?q=%20"),
+        );
+        check(
+            "/caf\u{e9}",
+            Some("localhost"),
+            443,
+            Ok("https://localhost/caf%C3%A9"),
         );
         check("/", Some("LOCALHOST:80"), 443, Ok("https://localhost/"));
         check("/", Some("localhost"), 8443, Ok("https://localhost:8443/"));

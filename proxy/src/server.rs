@@ -226,6 +226,10 @@ impl Server {
             }
             () = activity.expired(timeouts.header_read, timeouts.idle) => {
                 tracing::debug!("closing connection: deadline passed with no request in flight");
+                if !activity.any_request() {
+                    // Not even a first request (or an HTTP/2 preface): nothing to say goodbye to.
+                    return;
+                }
                 Duration::from_secs(1)
             }
             () = self.shutdown.cancelled() => timeouts.drain,
