@@ -1,1 +1,219 @@
+//! The contract between the kernel program (`program/`, built for `bpfel-unknown-none`) and
+//! the proxy that loads it: map layouts, indices and `#[repr(C)]` records without implicit
+//! padding. `no_std` so the kernel side can use it; the `user` feature makes the records
+//! `aya::Pod` for userspace.
+//!
+//! Only the proxy's own sockets are recorded: userspace registers each listening socket as
+//! (network namespace cookie, local port) in `LISTENERS`, with a slot number that labels its
+//! metrics; the program ignores every other socket.
 #![no_std]
+
+/// Listening sockets one proxy registers (HTTP, HTTPS and room for more).
+pub const MAX_LISTENERS: u32 = 8;
+/// Log2 buckets of microseconds: bucket `b` counts values in `[2^(b-1), 2^b)` µs
+/// (bucket 0: under 1 µs); the last bucket also takes everything larger (≥ ~36 min).
+pub const BUCKETS: u32 = 32;
+
+/// Histogram: SYN received to ESTABLISHED (server side).
+pub const HIST_HANDSHAKE: u32 = 0;
+/// Histogram: smoothed RTT of a connection, sampled when it closes.
+pub const HIST_RTT: u32 = 1;
+/// Histogram: ESTABLISHED to CLOSE.
+pub const HIST_LIFETIME: u32 = 2;
+/// Number of histograms.
+pub const HISTOGRAMS: u32 = 3;
+/// Entries of the `HISTOGRAMS` per-CPU array.
+pub const HISTOGRAM_ENTRIES: u32 = HISTOGRAMS * MAX_LISTENERS * BUCKETS;
+/// Entries of the `HISTOGRAM_SUMS` per-CPU array (nanoseconds per histogram and slot).
+pub const HISTOGRAM_SUM_ENTRIES: u32 = HISTOGRAMS * MAX_LISTENERS;
+
+/// Counter: connections that reached ESTABLISHED.
+pub const CTR_CONNECTIONS: u32 = 0;
+/// Counter: connections that closed.
+pub const CTR_CLOSED: u32 = 1;
+/// Counter: segments retransmitted on established connections.
+pub const CTR_RETRANSMITS: u32 = 2;
+/// Counter: connections this side aborted (ESTABLISHED or CLOSE_WAIT straight to CLOSE
+/// without a reset from the peer: a RST sent, or given up after retransmission timeouts).
+pub const CTR_RESETS_SENT: u32 = 3;
+/// Counter: resets received from the peer.
+pub const CTR_RESETS_RECEIVED: u32 = 4;
+/// Counter: established connections whose SYN was not seen (SYN cookies, or the SYN map
+/// was full), so they have no handshake time.
+pub const CTR_SYN_UNSEEN: u32 = 5;
+/// Counter (slot 0 only): records the program could not store (a map was full).
+pub const CTR_DROPPED: u32 = 6;
+/// Number of counters.
+pub const COUNTERS: u32 = 7;
+/// Entries of the `COUNTERS` per-CPU array.
+pub const COUNTER_ENTRIES: u32 = COUNTERS * MAX_LISTENERS;
+
+/// Capacity of the map of SYNs waiting for their handshake to complete.
+pub const SYN_ENTRIES: u32 = 16_384;
+/// Capacity of the map of established connections (the accept join reads it).
+pub const CONNECTION_ENTRIES: u32 = 65_536;
+
+/// Index into `HISTOGRAMS`.
+pub const fn histogram_index(histogram: u32, slot: u32, bucket: u32) -> u32 {
+    (histogram * MAX_LISTENERS + slot) * BUCKETS + bucket
+}
+
+/// Index into `HISTOGRAM_SUMS`.
+pub const fn histogram_sum_index(histogram: u32, slot: u32) -> u32 {
+    histogram * MAX_LISTENERS + slot
+}
+
+/// Index into `COUNTERS`.
+pub const fn counter_index(counter: u32, slot: u32) -> u32 {
+    counter * MAX_LISTENERS + slot
+}
+
+/// The log2 bucket of a duration in nanoseconds. Written with shifts and compares: BPF has
+/// no count-leading-zeros instruction.
+pub const fn bucket_of_ns(ns: u64) -> u32 {
+    let mut us = ns / 1000;
+    if us == 0 {
+        return 0;
+    }
+    let mut bits = 0u32;
+    if us >= 1 << 32 {
+        us >>= 32;
+        bits += 32;
+    }
+    if us >= 1 << 16 {
+        us >>= 16;
+        bits += 16;
+    }
+    if us >= 1 << 8 {
+        us >>= 8;
+        bits += 8;
+    }
+    if us >= 1 << 4 {
+        us >>= 4;
+        bits += 4;
+    }
+    if us >= 1 << 2 {
+        us >>= 2;
+        bits += 2;
+    }
+    if us >= 1 << 1 {
+        bits += 1;
+    }
+    // `bits` is floor(log2(us)); values in [2^bits, 2^(bits+1)) go to bucket bits + 1.
+    let bucket = bits + 1;
+    if bucket >= BUCKETS {
+        BUCKETS - 1
+    } else {
+        bucket
+    }
+}
+
+/// Upper bound in seconds of bucket `b` (the `le` of a Prometheus bucket).
+pub fn bucket_upper_bound_seconds(bucket: u32) -> f64 {
+    // 2^b microseconds.
+    (1u64 << bucket) as f64 / 1e6
+}
+
+/// Key of `LISTENERS`: a listening socket of this proxy.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerKey {
+    /// `SO_NETNS_COOKIE` of the socket (`bpf_get_netns_cookie` in the kernel).
+    pub netns_cookie: u64,
+    /// Local port, host byte order.
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// Key of `SYNS`: a connection being set up, by network namespace and 4-tuple.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowKey {
+    pub netns_cookie: u64,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// Host byte order.
+    pub local_port: u32,
+    /// Network byte order, as the kernel hands it over.
+    pub remote_port: u32,
+    pub _pad: u32,
+    /// IPv4 addresses in the first word, network byte order.
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+}
+
+/// Value of `CONNECTIONS`, keyed by socket cookie: what the kernel saw of one connection.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionRecord {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the SYN arrived; 0 if unseen.
+    pub syn_ns: u64,
+    /// When the handshake completed.
+    pub established_ns: u64,
+    /// The listener slot.
+    pub slot: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+}
+
+/// The peer reset this connection.
+pub const FLAG_RESET_RECEIVED: u32 = 1;
+
+#[cfg(feature = "user")]
+#[allow(unsafe_code)] // Pod is an unsafe marker trait; the records below meet its contract.
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers and arrays with explicit padding fields: every bit
+    // pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::ListenerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnectionRecord {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(ns: u64, expected: u32) {
+        assert_eq!(bucket_of_ns(ns), expected, "{ns} ns");
+    }
+
+    #[test]
+    fn buckets_are_log2_microseconds() {
+        check(0, 0);
+        check(999, 0);
+        check(1_000, 1);
+        check(1_999, 1);
+        check(2_000, 2);
+        check(3_999, 2);
+        check(4_000, 3);
+        check(1_000_000, 10); // 1 ms: [512, 1024) µs
+        check(1_024_000, 11);
+        check(1_000_000_000, 20); // 1 s
+        check(u64::MAX, BUCKETS - 1);
+    }
+
+    #[test]
+    fn each_value_is_at_most_its_bucket_bound() {
+        for ns in [1_000u64, 5_000, 123_456, 1_000_000_000, 3_600_000_000_000] {
+            let bucket = bucket_of_ns(ns);
+            // The last bucket is open-ended (+Inf in Prometheus).
+            assert!(
+                bucket == BUCKETS - 1 || ns as f64 / 1e9 <= bucket_upper_bound_seconds(bucket),
+                "{ns}"
+            );
+            assert!(
+                bucket == 0 || ns as f64 / 1e9 >= bucket_upper_bound_seconds(bucket - 1),
+                "{ns}"
+            );
+        }
+    }
+
+    #[test]
+    fn records_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<ListenerKey>(), 16);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 56);
+        assert_eq!(core::mem::size_of::<ConnectionRecord>(), 24);
+    }
+}

@@ -116,6 +116,9 @@ pub struct ServeArgs {
     /// max-age of Strict-Transport-Security, in seconds [default: 31536000].
     #[arg(long, env = "PROXY_HSTS_MAX_AGE")]
     pub hsts_max_age: Option<u64>,
+    /// Kernel metrics from eBPF: attach when possible, require, or turn off [default: auto].
+    #[arg(long, env = "PROXY_EBPF", value_enum)]
+    pub ebpf: Option<crate::config::EbpfMode>,
 }
 
 /// Flags of `backend`.

@@ -38,8 +38,23 @@ pub struct Config {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub hsts_max_age: u64,
+    /// Whether the kernel observer must, may or must not run.
+    pub ebpf: EbpfMode,
     /// The file this came from, re-read on SIGHUP.
     pub config_file: Option<PathBuf>,
+}
+
+/// Whether to attach the eBPF kernel observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfMode {
+    /// Attach if the kernel and privileges allow; otherwise serve without kernel metrics.
+    #[default]
+    Auto,
+    /// Refuse to start without the kernel observer.
+    Required,
+    /// Do not attach (for example to measure the cost of observation).
+    Off,
 }
 
 /// Where the served certificate comes from.
@@ -134,6 +149,7 @@ struct FileConfig {
     max_headers: Option<usize>,
     h2_max_concurrent_streams: Option<u32>,
     hsts_max_age: Option<u64>,
+    ebpf: Option<EbpfMode>,
 }
 
 impl Config {
@@ -310,6 +326,7 @@ impl Config {
                 .hsts_max_age
                 .or(file.hsts_max_age)
                 .unwrap_or(31_536_000),
+            ebpf: args.ebpf.or(file.ebpf).unwrap_or_default(),
             config_file: args.config.clone(),
         })
     }

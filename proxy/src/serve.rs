@@ -30,6 +30,9 @@ pub enum ServeError {
     /// rustls refused the TLS configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// `--ebpf required` and the kernel observer could not start.
+    #[error("kernel observer (--ebpf required): {0}")]
+    Ebpf(#[from] ebpf::EbpfError),
     /// The metrics registry refused a metric.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -40,7 +43,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let config = Config::load(&args)?;
     let metrics = Metrics::new()?;
     // Before the listeners exist, so that the kernel observer sees them from the start.
-    ebpf::attach(&metrics);
+    let kernel = ebpf::start(config.ebpf, &metrics)?;
 
     let initial = {
         let config = config.clone();
@@ -63,7 +66,15 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         tracing::warn!(sockets = ?inherited.unclaimed(), "inherited sockets match no configured listener; closing them");
     }
 
-    let server = Server::new(&config, metrics.clone(), certs)?;
+    if let Some(kernel) = &kernel {
+        for listener in [&http, &https] {
+            if let Err(e) = kernel.register_listener(listener) {
+                tracing::warn!(error = %e, "this listener's connections will not be measured in the kernel");
+            }
+        }
+    }
+
+    let server = Server::new(&config, metrics.clone(), certs, kernel)?;
     let ready = Arc::new(AtomicBool::new(false));
     let accept_http = tokio::spawn(server.clone().accept_loop(http, ListenerKind::Http));
     let accept_https = tokio::spawn(server.clone().accept_loop(https, ListenerKind::Https));

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::activity::{Activity, TrackedBody};
 use crate::config::Config;
+use crate::ebpf::{KernelObserver, KernelTimings};
 use crate::metrics::Metrics;
 use crate::redirect;
 use crate::responses::{Body, static_site, text};
@@ -56,6 +57,8 @@ pub struct Server {
     h2: Builder<TokioExecutor>,
     either: Builder<TokioExecutor>,
     connection_slots: Arc<Semaphore>,
+    /// The eBPF observer, when attached: joins kernel timings to accepted connections.
+    kernel: Option<Arc<KernelObserver>>,
     /// Cancelled when the process starts draining.
     pub shutdown: CancellationToken,
     /// Every connection task, so that shutdown can wait for them.
@@ -69,6 +72,7 @@ struct ConnContext {
     peer: SocketAddr,
     activity: Arc<Activity>,
     tls_handshake: Option<Duration>,
+    kernel: Option<KernelTimings>,
 }
 
 impl Server {
@@ -76,6 +80,7 @@ impl Server {
         config: &Config,
         metrics: Metrics,
         certs: Arc<CertStore>,
+        kernel: Option<Arc<KernelObserver>>,
     ) -> Result<Arc<Self>, rustls::Error> {
         let tls = TlsAcceptor::from(tls::server_config(certs.clone())?);
         let upstream = config
@@ -89,6 +94,7 @@ impl Server {
             h2: http_builder(config).http2_only(),
             either: http_builder(config),
             connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+            kernel,
             config: config.clone(),
             metrics,
             certs,
@@ -117,11 +123,15 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    // First thing after accept(), so the accept wait is measured to here.
+                    let timings = self.kernel.as_ref().and_then(|kernel| kernel.join(&stream));
                     let _ = stream.set_nodelay(true);
                     // Dual-stack listeners report IPv4 clients as ::ffff:a.b.c.d.
                     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                    self.connections
-                        .spawn(self.clone().serve_connection(stream, peer, kind, slot));
+                    self.connections.spawn(
+                        self.clone()
+                            .serve_connection(stream, peer, kind, timings, slot),
+                    );
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning; the queue holds clients.
@@ -139,6 +149,7 @@ impl Server {
         stream: TcpStream,
         peer: SocketAddr,
         kind: ListenerKind,
+        kernel: Option<KernelTimings>,
         _slot: OwnedSemaphorePermit,
     ) {
         let label = kind.label();
@@ -147,7 +158,7 @@ impl Server {
         open.inc();
         match kind {
             ListenerKind::Http => {
-                let ctx = self.context(kind, peer, None);
+                let ctx = self.context(kind, peer, kernel, None);
                 self.drive(&self.either, TokioIo::new(stream), ctx).await;
             }
             ListenerKind::Https => {
@@ -164,7 +175,7 @@ impl Server {
                             .tls_handshake_duration
                             .observe(elapsed.as_secs_f64());
                         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                        let ctx = self.context(kind, peer, Some(elapsed));
+                        let ctx = self.context(kind, peer, kernel, Some(elapsed));
                         let builder = if h2 { &self.h2 } else { &self.h1 };
                         self.drive(builder, TokioIo::new(tls), ctx).await;
                     }
@@ -193,6 +204,7 @@ impl Server {
         self: &Arc<Self>,
         kind: ListenerKind,
         peer: SocketAddr,
+        kernel: Option<KernelTimings>,
         tls_handshake: Option<Duration>,
     ) -> Arc<ConnContext> {
         Arc::new(ConnContext {
@@ -201,6 +213,7 @@ impl Server {
             peer,
             activity: Activity::new(),
             tls_handshake,
+            kernel,
         })
     }
 
@@ -303,6 +316,8 @@ impl ConnContext {
             version = ?version,
             status = status.as_u16(),
             duration_ms = millis(elapsed),
+            tcp_handshake_ms = self.kernel.and_then(|k| k.handshake).map(millis),
+            accept_wait_ms = self.kernel.map(|k| millis(k.accept_wait)),
             tls_handshake_ms = self.tls_handshake.map(millis),
             "request"
         );

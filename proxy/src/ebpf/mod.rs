@@ -1,0 +1,325 @@
+//! The kernel observer: loads the eBPF program (crate `proxy-ebpf`, embedded at build time),
+//! attaches it, registers the proxy's listening sockets with it, exports what it measures,
+//! and joins its per-connection timings to each accepted connection.
+//!
+//! Attachment: `sock_ops` on the root of the cgroup v2 hierarchy, so that it sees sockets
+//! whatever cgroup created them (systemd socket activation, a predecessor handing over its
+//! listeners), filtered in the kernel to this process's listeners by network namespace
+//! cookie and port; several proxies attach side by side (bpf links), each counting only its
+//! own sockets. `tcp:tcp_receive_reset` counts resets received, matched by socket cookie.
+//!
+//! Degraded mode: without privilege, BTF, cgroup v2 or an embedded object the proxy serves
+//! anyway, logs one warning with the reason and reports `proxy_ebpf_attached 0`, unless
+//! `--ebpf required`.
+
+mod collector;
+mod kernel;
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::{CgroupAttachMode, SockOps, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use prometheus::{HistogramOpts, HistogramVec};
+use proxy_ebpf::{
+    BUCKETS, ConnectionRecord, ListenerKey, MAX_LISTENERS, bucket_upper_bound_seconds,
+};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::EbpfMode;
+use crate::metrics::Metrics;
+use collector::{KernelCollector, Slot};
+
+/// The program object, embedded when the build had `PROXY_EBPF_OBJECT` set (as every
+/// `cargo xtask` build does).
+#[cfg(proxy_ebpf_embedded)]
+const OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(env!("PROXY_EBPF_OBJECT")));
+#[cfg(not(proxy_ebpf_embedded))]
+const OBJECT: Option<&[u8]> = None;
+
+/// Why the kernel observer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// The binary was built without the eBPF object.
+    #[error(
+        "this build has no eBPF object (build with `cargo xtask build` or set PROXY_EBPF_OBJECT)"
+    )]
+    NoObject,
+    /// The kernel refused the object (no privilege, no BTF, verifier).
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program could not be loaded or attached.
+    #[error("{program}: {source}")]
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing or could not be read or written.
+    #[error("map {map}: {reason}")]
+    Map { map: &'static str, reason: String },
+    /// No cgroup v2 hierarchy to attach to.
+    #[error("no cgroup v2 hierarchy is mounted")]
+    NoCgroup2,
+    /// The cgroup or a socket option could not be opened or read.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// The metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// What the kernel saw of one connection before the proxy accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelTimings {
+    /// SYN received to ESTABLISHED; `None` if the SYN was not seen.
+    pub handshake: Option<Duration>,
+    /// ESTABLISHED to the proxy's `accept()`.
+    pub accept_wait: Duration,
+}
+
+/// The loaded, attached program and the maps userspace uses.
+pub struct KernelObserver {
+    /// Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    listeners: Mutex<BpfHashMap<MapData, ListenerKey, u32>>,
+    connections: BpfHashMap<MapData, u64, ConnectionRecord>,
+    slots: Arc<RwLock<Vec<Slot>>>,
+    accept_wait: HistogramVec,
+}
+
+impl std::fmt::Debug for KernelObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelObserver").finish_non_exhaustive()
+    }
+}
+
+/// Starts the kernel observer as `mode` asks. `Ok(None)` means serving without it.
+pub fn start(mode: EbpfMode, metrics: &Metrics) -> Result<Option<Arc<KernelObserver>>, EbpfError> {
+    for program in ["sock_ops", "tcp_receive_reset"] {
+        metrics.ebpf_attached.with_label_values(&[program]).set(0);
+    }
+    if mode == EbpfMode::Off {
+        tracing::info!("kernel metrics disabled (--ebpf off)");
+        return Ok(None);
+    }
+    match KernelObserver::attach(metrics) {
+        Ok(observer) => Ok(Some(Arc::new(observer))),
+        Err(e) if mode == EbpfMode::Required => Err(e),
+        Err(e) => {
+            tracing::warn!(reason = %e, "kernel metrics unavailable; serving without them (proxy_ebpf_attached 0)");
+            Ok(None)
+        }
+    }
+}
+
+impl KernelObserver {
+    fn attach(metrics: &Metrics) -> Result<Self, EbpfError> {
+        let object = OBJECT.ok_or(EbpfError::NoObject)?;
+        let reset_offset = kernel::receive_reset_cookie_offset();
+        let mut loader = EbpfLoader::new();
+        if let Ok(offset) = &reset_offset {
+            loader.override_global("RECEIVE_RESET_COOKIE_OFFSET", offset, true);
+        }
+        let mut ebpf = loader.load(object)?;
+        start_logger(&mut ebpf);
+
+        let cgroup_root = kernel::cgroup2_root().ok_or(EbpfError::NoCgroup2)?;
+        let cgroup = std::fs::File::open(&cgroup_root).map_err(|source| EbpfError::Io {
+            what: format!("opening {}", cgroup_root.display()),
+            source,
+        })?;
+        let sock_ops: &mut SockOps = program(&mut ebpf, "proxy_sock_ops")?;
+        sock_ops.load().map_err(|source| EbpfError::Program {
+            program: "sock_ops",
+            source,
+        })?;
+        // A link-based attachment: several proxies can attach to the same cgroup side by side.
+        sock_ops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| EbpfError::Program {
+                program: "sock_ops",
+                source,
+            })?;
+        metrics
+            .ebpf_attached
+            .with_label_values(&["sock_ops"])
+            .set(1);
+
+        match reset_offset {
+            Ok(_) => {
+                let tracepoint: &mut TracePoint = program(&mut ebpf, "proxy_receive_reset")?;
+                let attached = tracepoint
+                    .load()
+                    .and_then(|()| tracepoint.attach("tcp", "tcp_receive_reset"));
+                match attached {
+                    Ok(_) => metrics
+                        .ebpf_attached
+                        .with_label_values(&["tcp_receive_reset"])
+                        .set(1),
+                    Err(e) => tracing::warn!(error = %e, "resets received will not be counted"),
+                }
+            }
+            Err(reason) => tracing::warn!(%reason, "resets received will not be counted"),
+        }
+
+        let slots = Arc::new(RwLock::new(Vec::new()));
+        let collector = KernelCollector::new(
+            per_cpu_array(&mut ebpf, "HISTOGRAMS")?,
+            per_cpu_array(&mut ebpf, "HISTOGRAM_SUMS")?,
+            per_cpu_array(&mut ebpf, "COUNTERS")?,
+            slots.clone(),
+        )?;
+        metrics.registry.register(Box::new(collector))?;
+        let accept_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "proxy_tcp_accept_wait_seconds",
+                "Time connections waited in the accept queue: ESTABLISHED to the proxy's accept().",
+            )
+            .buckets((0..BUCKETS - 1).map(bucket_upper_bound_seconds).collect()),
+            &["port"],
+        )?;
+        metrics.registry.register(Box::new(accept_wait.clone()))?;
+
+        let listeners = take_map(&mut ebpf, "LISTENERS", BpfHashMap::try_from)?;
+        let connections = take_map(&mut ebpf, "CONNECTIONS", BpfHashMap::try_from)?;
+        tracing::info!(cgroup = %cgroup_root.display(), "kernel observer attached");
+        Ok(KernelObserver {
+            _ebpf: ebpf,
+            listeners: Mutex::new(listeners),
+            connections,
+            slots,
+            accept_wait,
+        })
+    }
+
+    /// Tells the program that `listener` is ours, so that its connections are measured.
+    pub fn register_listener(&self, listener: &TcpListener) -> Result<(), EbpfError> {
+        let netns_cookie = kernel::netns_cookie(listener).map_err(|source| EbpfError::Io {
+            what: "SO_NETNS_COOKIE".into(),
+            source,
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| EbpfError::Io {
+                what: "listener address".into(),
+                source,
+            })?
+            .port();
+        let mut slots = self.slots.write().map_err(|_| EbpfError::Map {
+            map: "LISTENERS",
+            reason: "lock poisoned".into(),
+        })?;
+        let index = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+        if index >= MAX_LISTENERS {
+            return Err(EbpfError::Map {
+                map: "LISTENERS",
+                reason: format!("at most {MAX_LISTENERS} listeners"),
+            });
+        }
+        let key = ListenerKey {
+            netns_cookie,
+            port: u32::from(port),
+            _pad: 0,
+        };
+        let mut listeners = self.listeners.lock().map_err(|_| EbpfError::Map {
+            map: "LISTENERS",
+            reason: "lock poisoned".into(),
+        })?;
+        listeners
+            .insert(key, index, 0)
+            .map_err(|e| EbpfError::Map {
+                map: "LISTENERS",
+                reason: e.to_string(),
+            })?;
+        slots.push(Slot {
+            index,
+            port: port.to_string(),
+        });
+        self.accept_wait.with_label_values(&[&port.to_string()]);
+        Ok(())
+    }
+
+    /// The kernel's timings for a connection just accepted; records its accept wait.
+    pub fn join(&self, stream: &TcpStream) -> Option<KernelTimings> {
+        let cookie = socket2::SockRef::from(stream).cookie().ok()?;
+        let record = self.connections.get(&cookie, 0).ok()?;
+        let accept_wait =
+            Duration::from_nanos(kernel::monotonic_ns().saturating_sub(record.established_ns));
+        let port = self
+            .slots
+            .read()
+            .ok()?
+            .iter()
+            .find(|slot| slot.index == record.slot)
+            .map(|slot| slot.port.clone())?;
+        self.accept_wait
+            .with_label_values(&[&port])
+            .observe(accept_wait.as_secs_f64());
+        let handshake = (record.syn_ns != 0)
+            .then(|| Duration::from_nanos(record.established_ns.saturating_sub(record.syn_ns)));
+        Some(KernelTimings {
+            handshake,
+            accept_wait,
+        })
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(EbpfError::Map {
+        map: name,
+        reason: "program missing from the object".into(),
+    })?;
+    program.try_into().map_err(|source| EbpfError::Program {
+        program: name,
+        source,
+    })
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, EbpfError> {
+    let map = ebpf.take_map(name).ok_or(EbpfError::Map {
+        map: name,
+        reason: "missing from the object".into(),
+    })?;
+    convert(map).map_err(|e| EbpfError::Map {
+        map: name,
+        reason: e.to_string(),
+    })
+}
+
+fn per_cpu_array(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<PerCpuArray<MapData, u64>, EbpfError> {
+    take_map(ebpf, name, PerCpuArray::try_from)
+}
+
+/// Forwards aya-log records from the program into `tracing` (through the `log` bridge).
+fn start_logger(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::debug!(error = %e, "eBPF logs unavailable");
+            return;
+        }
+    };
+    // The program logs only rare diagnostics: polling beats registering its fd with the reactor.
+    let mut logger = logger;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            logger.flush();
+        }
+    });
+}
