@@ -10,10 +10,13 @@ use crate::{exec::exec, privilege};
 
 /// Debian packages the tests use. Later work appends here (prometheus, bpftool...).
 pub const PACKAGES: &[&str] = &[
-    "iproute2", // `ip netns`, `ss`: private network namespaces for end-to-end tests
-    "openssl",  // `openssl s_client`/`x509`: checking certificates as a client would
-    "curl",     // a real HTTP client against the running proxy
-    "procps",   // `ps`, `pgrep`, `free`: processes and the machine
+    "iproute2",   // `ip netns`, `ss`: private network namespaces for end-to-end tests
+    "openssl",    // `openssl s_client`/`x509`: checking certificates as a client would
+    "curl",       // a real HTTP client against the running proxy
+    "procps",     // `ps`, `pgrep`, `free`: processes and the machine
+    "util-linux", // `nsenter`, `setpriv`: run the proxy in a namespace, drop its privileges
+    "nftables",   // `nft`: drop handshake packets to test what the kernel metrics show
+    "systemd",    // `systemd-socket-activate`: listening sockets created by another process
 ];
 
 /// Makes sure every package of [`PACKAGES`] is installed, installing what is missing when this
@@ -39,13 +42,18 @@ pub fn ensure() -> Result<()> {
         return Ok(());
     }
     println!("installing missing system packages: {list}");
+    apt_install(&missing)
+}
+
+/// `apt-get update` then `apt-get install` of `packages`, checking they are installed after.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
     exec(apt_get().arg("update"))?;
     exec(
         apt_get()
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
+            .args(packages),
     )?;
-    let still = self::missing(&missing)?;
+    let still = self::missing(packages)?;
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(" "));
     }

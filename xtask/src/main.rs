@@ -2,6 +2,7 @@
 //! command run through [`exec::exec`]. See `cargo xtask --help`.
 
 mod deps;
+mod ebpf;
 mod exec;
 mod phase;
 mod privilege;
@@ -25,6 +26,8 @@ struct Cli {
 enum Task {
     /// Run every test of the project: system packages, fmt, clippy, build, tests.
     Test(test::Options),
+    /// Build the eBPF kernel program with the BPF toolchain this machine has.
+    BuildEbpf,
     /// Build the proxy and serve on :80/:443 with the embedded defaults.
     Run(run::Options),
 }
@@ -32,6 +35,13 @@ enum Task {
 fn main() -> ExitCode {
     match Cli::parse().task {
         Task::Test(opts) => test::test(opts),
+        Task::BuildEbpf => match ebpf::build() {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Task::Run(opts) => {
             // `run` only returns on failure: on success the proxy replaced this process.
             let Err(e) = run::run(opts);

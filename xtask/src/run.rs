@@ -36,6 +36,10 @@ pub fn run(opts: Options) -> Result<Infallible> {
         release,
         serve_args,
     } = opts;
+    // Kernel metrics need the eBPF program; without a BPF toolchain the proxy still serves.
+    if let Err(e) = crate::ebpf::build() {
+        println!("warning: serving without kernel metrics: {e:#}");
+    }
     let mut build = workspace::cargo();
     build.args(["build", "-p", "proxy"]);
     if release {

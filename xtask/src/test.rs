@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use crate::{
-    deps,
+    deps, ebpf,
     exec::exec,
     phase::{self, Phase},
     workspace,
@@ -27,8 +27,12 @@ pub fn test(Options { quick }: Options) -> ExitCode {
         if quick {
             Phase::skip("deps", "--quick")
         } else {
-            Phase::new("deps", deps::ensure)
+            Phase::new("deps", || {
+                deps::ensure()?;
+                ebpf::ensure_toolchain()
+            })
         },
+        Phase::new("build-ebpf", || ebpf::build().map(drop)),
         Phase::new("fmt", || {
             exec(workspace::cargo().args(["fmt", "--all", "--check"]))
         }),

@@ -48,5 +48,11 @@ pub fn cargo() -> Command {
     if env::var_os("CARGO_TARGET_DIR").is_some_and(|dir| Path::new(&dir).is_relative()) {
         cmd.env("CARGO_TARGET_DIR", target_dir());
     }
+    // Every build of the proxy through xtask embeds the kernel program once it is built, so
+    // that clippy, build and test all compile the same proxy (and do not rebuild each other's).
+    let object = crate::ebpf::object_path();
+    if object.is_file() {
+        cmd.env("PROXY_EBPF_OBJECT", object);
+    }
     cmd
 }

@@ -1,0 +1,289 @@
+//! The operator's commands: `proxy check` catches bad configuration before a deploy, and
+//! `proxy ca` creates, exports and issues from the local CA.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use proxy_e2e::{TempDir, TestEnv, proxy_bin, proxy_cmd, proxy_cmd_ok, read, run_with_timeout};
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Runs `proxy check ARGS` inside the test's namespace (so nothing it might bind collides).
+fn check(env: &TestEnv, args: &[&str]) -> Output {
+    let mut cmd = env.ns.command(proxy_bin());
+    cmd.arg("check").args(args);
+    run_with_timeout(cmd, Duration::from_secs(30))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn check_accepts_good_config_and_names_what_is_wrong() {
+    let Some(env) = TestEnv::new("check") else {
+        return;
+    };
+    let state = env.path("state");
+    proxy_cmd_ok(&[
+        "ca",
+        "init",
+        "--state-dir",
+        path_str(&state),
+        "--name",
+        "localhost",
+    ]);
+
+    let write_config = |name: &str, extra: &str| {
+        let path = env.path(name);
+        let body = format!(
+            "state_dir = \"{}\"\nnames = [\"localhost\"]\nhttp_listen = \"[::]:80\"\n{extra}\n",
+            state.display()
+        );
+        std::fs::write(&path, body).expect("writing a config file");
+        path
+    };
+
+    let good = write_config(
+        "good.toml",
+        "https_listen = \"[::]:443\"\nleaf_lifetime = \"7d\"",
+    );
+    let out = check(&env, &["--config", path_str(&good)]);
+    assert!(
+        out.status.success(),
+        "a valid config was rejected: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("configuration ok"),
+        "`proxy check` should say \"configuration ok\": {}",
+        text(&out)
+    );
+
+    let bad_listen = write_config("bad-listen.toml", "https_listen = \"nonsense\"");
+    let out = check(&env, &["--config", path_str(&bad_listen)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "https_listen = \"nonsense\" passed the check: {}",
+        text(&out)
+    );
+    assert!(
+        stderr.contains("https_listen")
+            || stderr.contains("https-listen")
+            || stderr.contains("nonsense"),
+        "the error should name https_listen or the bad value: {}",
+        text(&out)
+    );
+
+    let too_long = write_config("bad-lifetime.toml", "leaf_lifetime = \"365d\"");
+    let out = check(&env, &["--config", path_str(&too_long)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a 365d leaf lifetime (max 90d) passed: {}",
+        text(&out)
+    );
+    assert!(
+        stderr.contains("lifetime"),
+        "the error should name the leaf lifetime: {}",
+        text(&out)
+    );
+
+    // Bring-your-own material: a good pair passes, a corrupt or mismatched one does not.
+    let issue = |name: &str| {
+        let cert = env.path(&format!("{name}.pem"));
+        let key = env.path(&format!("{name}.key"));
+        proxy_cmd_ok(&[
+            "ca",
+            "issue",
+            "--state-dir",
+            path_str(&state),
+            "--name",
+            "localhost",
+            "--cert-out",
+            path_str(&cert),
+            "--key-out",
+            path_str(&key),
+        ]);
+        (cert, key)
+    };
+    let (cert_a, key_a) = issue("a");
+    let (_cert_b, key_b) = issue("b");
+    let byo = |cert: &Path, key: &Path| {
+        check(
+            &env,
+            &[
+                "--config",
+                path_str(&good),
+                "--tls-cert",
+                path_str(cert),
+                "--tls-key",
+                path_str(key),
+            ],
+        )
+    };
+    let out = byo(&cert_a, &key_a);
+    assert!(
+        out.status.success(),
+        "a valid --tls-cert/--tls-key pair was rejected: {}",
+        text(&out)
+    );
+
+    let corrupt = env.path("corrupt.pem");
+    std::fs::write(
+        &corrupt,
+        "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    )
+    .expect("writing a corrupt certificate");
+    let out = byo(&corrupt, &key_a);
+    assert!(
+        !out.status.success(),
+        "a corrupt --tls-cert passed the check: {}",
+        text(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        stderr.contains("corrupt.pem") || stderr.contains("certificate"),
+        "the error should point at the certificate: {}",
+        text(&out)
+    );
+
+    let out = byo(&cert_a, &key_b);
+    assert!(
+        !out.status.success(),
+        "a certificate with somebody else's key passed the check: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn ca_export_prints_the_pem_and_its_sha256_fingerprint() {
+    let dir = TempDir::new("export");
+    let state = dir.path().join("state");
+    proxy_cmd_ok(&[
+        "ca",
+        "init",
+        "--state-dir",
+        path_str(&state),
+        "--name",
+        "localhost",
+    ]);
+    let out = proxy_cmd_ok(&["ca", "export", "--state-dir", path_str(&state)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+
+    let ca_pem = String::from_utf8(read(&state.join("ca.pem"))).expect("ca.pem is text");
+    assert!(
+        stdout.contains(ca_pem.trim()),
+        "`proxy ca export` does not print ca.pem:\n{stdout}"
+    );
+    let printed = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("SHA-256 Fingerprint: "))
+        .unwrap_or_else(|| panic!("no `SHA-256 Fingerprint: ` line in:\n{stdout}"))
+        .trim()
+        .to_uppercase();
+
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(state.join("ca.pem"));
+    let out = run_with_timeout(cmd, Duration::from_secs(20));
+    let openssl = String::from_utf8_lossy(&out.stdout);
+    let expected = openssl
+        .trim()
+        .split_once('=')
+        .unwrap_or_else(|| panic!("unexpected openssl output {openssl:?}"))
+        .1
+        .to_uppercase();
+    assert_eq!(
+        printed, expected,
+        "the printed fingerprint differs from openssl's"
+    );
+}
+
+#[test]
+fn ca_init_keeps_keys_private_and_refuses_to_overwrite() {
+    let dir = TempDir::new("init");
+    let state = dir.path().join("state");
+    proxy_cmd_ok(&[
+        "ca",
+        "init",
+        "--state-dir",
+        path_str(&state),
+        "--name",
+        "localhost",
+    ]);
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&state), 0o700, "state dir permissions");
+    assert_eq!(mode(&state.join("ca.key")), 0o600, "ca.key permissions");
+    let first = read(&state.join("ca.pem"));
+
+    let out = proxy_cmd(&[
+        "ca",
+        "init",
+        "--state-dir",
+        path_str(&state),
+        "--name",
+        "localhost",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a second `ca init` overwrote the CA without --force"
+    );
+    assert!(!out.stderr.is_empty(), "a refused `ca init` should say why");
+    assert_eq!(
+        read(&state.join("ca.pem")),
+        first,
+        "a refused `ca init` changed ca.pem"
+    );
+
+    proxy_cmd_ok(&[
+        "ca",
+        "init",
+        "--state-dir",
+        path_str(&state),
+        "--name",
+        "localhost",
+        "--force",
+    ]);
+    assert_ne!(
+        read(&state.join("ca.pem")),
+        first,
+        "`ca init --force` did not make a new CA"
+    );
+}
+
+#[test]
+fn json_log_format_is_one_object_per_line() {
+    let Some(env) = TestEnv::new("jsonlog") else {
+        return;
+    };
+    let proxy = env.serve(&["--log-format", "json"]);
+    let stderr = proxy.process.stderr();
+    let mut ready = false;
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("--log-format json wrote a non-JSON line ({e}): {line}"));
+        assert!(
+            value.is_object(),
+            "a JSON log line is not an object: {line}"
+        );
+        ready |= line.contains("proxy ready");
+    }
+    assert!(ready, "no \"proxy ready\" JSON line on stderr:\n{stderr}");
+}
