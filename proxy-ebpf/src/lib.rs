@@ -31,7 +31,8 @@ pub const HISTOGRAM_SUM_ENTRIES: u32 = HISTOGRAMS * MAX_LISTENERS;
 pub const CTR_CONNECTIONS: u32 = 0;
 /// Counter: connections that closed.
 pub const CTR_CLOSED: u32 = 1;
-/// Counter: segments retransmitted on established connections.
+/// Counter: segments retransmitted (SYN-ACKs and tail-loss probes included), added when the
+/// connection closes.
 pub const CTR_RETRANSMITS: u32 = 2;
 /// Counter: connections this side aborted (ESTABLISHED or CLOSE_WAIT straight to CLOSE
 /// without a reset from the peer: a RST sent, or given up after retransmission timeouts).

@@ -186,7 +186,28 @@ impl Proxy {
     /// Starts `proxy serve ARGS` in `ns` (adding `--state-dir <dir>/state` unless given) and
     /// waits until the admin `/readyz` answers 200.
     pub fn start(ns: &NetNs, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proxy {
-        let mut cmd = ns.command(proxy_bin());
+        Proxy::start_via(ns, dir, &[], args, env, || {})
+    }
+
+    /// Like [`Proxy::start`], with the proxy started through `wrapper` (a command line that
+    /// ends by running the program it is given, e.g. `setpriv ...` or `systemd-socket-activate
+    /// ...`), and `kick` called once the process runs (e.g. to trigger socket activation).
+    pub fn start_via(
+        ns: &NetNs,
+        dir: &Path,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        kick: impl FnOnce(),
+    ) -> Proxy {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut cmd = ns.command(program);
+                cmd.args(wrapper_args).arg(proxy_bin());
+                cmd
+            }
+            None => ns.command(proxy_bin()),
+        };
         cmd.arg("serve").args(args);
         let state_dir = match args.iter().position(|a| *a == "--state-dir") {
             Some(i) => PathBuf::from(args.get(i + 1).expect("--state-dir needs a value")),
@@ -204,6 +225,7 @@ impl Proxy {
         cmd.env("NO_COLOR", "1");
         cmd.envs(env.iter().copied());
         let mut process = Process::spawn("proxy", cmd, dir.join("proxy.stderr"));
+        kick();
         process.wait_ready(|| {
             ns.run(|| async {
                 client::raw_http(ADMIN, b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await

@@ -2,8 +2,8 @@
 //!
 //! - `sock_ops` (attached to a cgroup that contains every socket the proxy may be handed):
 //!   SYN time of each connection to a registered listener (TIMEOUT_INIT, on the request
-//!   socket), handshake time and the connection record at ESTABLISHED, retransmits, and at
-//!   CLOSE the lifetime, smoothed RTT and whether this side aborted it.
+//!   socket), handshake time and the connection record at ESTABLISHED, and at CLOSE the
+//!   lifetime, smoothed RTT, retransmitted segments and whether this side aborted it.
 //! - tracepoint `tcp:tcp_receive_reset`: resets received, matched by socket cookie.
 //!
 //! Results go to per-CPU arrays that userspace reads at scrape time; the only per-connection
@@ -15,9 +15,9 @@ use core::ffi::c_void;
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::bindings::{
-    BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
-    BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE,
-    BPF_TCP_CLOSE_WAIT, BPF_TCP_ESTABLISHED, bpf_sock_ops,
+    BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_ESTABLISHED,
+    bpf_sock_ops,
 };
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns};
 use aya_ebpf::macros::{map, sock_ops, tracepoint};
@@ -61,7 +61,6 @@ pub fn proxy_sock_ops(ctx: SockOpsContext) -> u32 {
     match field(&ctx, |ops| unsafe { addr_of!((*ops).op) }) {
         BPF_SOCK_OPS_TIMEOUT_INIT => on_syn(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
-        BPF_SOCK_OPS_RETRANS_CB => on_retransmit(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         _ => {}
     }
@@ -133,22 +132,12 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     }
     let flags = field(ctx, |ops| unsafe { addr_of!((*ops).bpf_sock_ops_cb_flags) });
-    let _ = ctx
-        .set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG) as i32);
+    let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
-/// Segments were retransmitted (args: first sequence number, segment count, send result).
-fn on_retransmit(ctx: &SockOpsContext) {
-    if ctx.arg(2) != 0 {
-        return;
-    }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
-    if let Some(record) = unsafe { CONNECTIONS.get(&cookie) } {
-        count(CTR_RETRANSMITS, record.slot, u64::from(ctx.arg(1)));
-    }
-}
-
-/// At CLOSE: lifetime, RTT, and whether this side aborted the connection.
+/// At CLOSE: lifetime, RTT, retransmits, and whether this side aborted the connection.
+/// Retransmits are read from the socket's own total (which includes SYN-ACK and tail-loss-
+/// probe retransmissions, unlike the RETRANS callback) once, here.
 fn on_state_change(ctx: &SockOpsContext) {
     let (old, new) = (ctx.arg(0), ctx.arg(1));
     if new != BPF_TCP_CLOSE {
@@ -171,6 +160,8 @@ fn on_state_change(ctx: &SockOpsContext) {
     if srtt_us > 0 {
         observe(HIST_RTT, slot, srtt_us * 1000);
     }
+    let retransmits = field(ctx, |ops| unsafe { addr_of!((*ops).total_retrans) });
+    count(CTR_RETRANSMITS, slot, u64::from(retransmits));
     let abrupt = old == BPF_TCP_ESTABLISHED || old == BPF_TCP_CLOSE_WAIT;
     if abrupt && record.flags & FLAG_RESET_RECEIVED == 0 {
         count(CTR_RESETS_SENT, slot, 1);

@@ -65,7 +65,7 @@ const FAMILIES: &[Family] = &[
     },
     Family {
         name: "proxy_tcp_retransmits_total",
-        help: "Segments retransmitted on established connections.",
+        help: "Segments retransmitted (SYN-ACKs included), counted when the connection closes.",
         kind: Kind::Counter(CTR_RETRANSMITS),
     },
     Family {
