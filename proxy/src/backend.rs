@@ -16,7 +16,7 @@ use crate::signals;
 
 /// Serves until SIGTERM or SIGINT.
 pub async fn run(args: BackendArgs) -> Result<(), ListenError> {
-    let listener = listeners::bind(args.listen)?;
+    let listener = listeners::bind(args.listen, 1024)?;
     tracing::info!(listen = %args.listen, "backend ready");
     let stop = signals::terminate();
     tokio::pin!(stop);

@@ -107,6 +107,10 @@ pub struct ServeArgs {
     /// Largest request head in bytes, at least 8192; beyond it 431 [default: 16384].
     #[arg(long, env = "PROXY_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
+    /// Accept-queue length of the listeners (the kernel caps it at net.core.somaxconn)
+    /// [default: 4096].
+    #[arg(long, env = "PROXY_LISTEN_BACKLOG")]
+    pub listen_backlog: Option<u32>,
     /// Most header fields in a request; beyond it 431 [default: 100].
     #[arg(long, env = "PROXY_MAX_HEADERS")]
     pub max_headers: Option<usize>,

@@ -79,6 +79,7 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_connections: usize,
+    pub listen_backlog: u32,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub h2_max_concurrent_streams: u32,
@@ -147,6 +148,7 @@ struct FileConfig {
     drain_timeout: Option<Duration>,
     max_header_bytes: Option<usize>,
     max_headers: Option<usize>,
+    listen_backlog: Option<u32>,
     h2_max_concurrent_streams: Option<u32>,
     hsts_max_age: Option<u64>,
     ebpf: Option<EbpfMode>,
@@ -246,6 +248,10 @@ impl Config {
         };
 
         let limits = Limits {
+            listen_backlog: positive(
+                "listen_backlog",
+                args.listen_backlog.or(file.listen_backlog).unwrap_or(4096) as usize,
+            )? as u32,
             max_connections: positive(
                 "max_connections",
                 args.max_connections

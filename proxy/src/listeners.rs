@@ -9,9 +9,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
-/// Connections the kernel queues for us while we are busy; the kernel caps it at somaxconn.
-const BACKLOG: i32 = 4096;
-
 /// Why a listener could not be bound.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -67,9 +64,14 @@ impl Inherited {
 }
 
 /// The listener for `addr`: the inherited socket if there is one, else a new one.
-pub fn listen(addr: SocketAddr, inherited: &mut Inherited) -> Result<TcpListener, ListenError> {
+/// `backlog` is the accept-queue length of a new socket (an inherited one keeps its own).
+pub fn listen(
+    addr: SocketAddr,
+    backlog: u32,
+    inherited: &mut Inherited,
+) -> Result<TcpListener, ListenError> {
     let Some(listener) = inherited.take(addr) else {
-        return bind(addr);
+        return bind(addr, backlog);
     };
     tracing::info!(%addr, "using inherited listening socket");
     listener
@@ -80,15 +82,18 @@ pub fn listen(addr: SocketAddr, inherited: &mut Inherited) -> Result<TcpListener
 
 /// Binds `addr`. An unspecified IPv6 address listens dual-stack, falling back to IPv4 only
 /// on hosts without IPv6.
-pub fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
-    match bind_exact(addr) {
+pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
+    match bind_exact(addr, backlog) {
         Err(e)
             if addr.ip().is_unspecified()
                 && addr.is_ipv6()
                 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
         {
             tracing::warn!(%addr, "IPv6 is unavailable; listening on IPv4 only");
-            bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()))
+            bind(
+                SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()),
+                backlog,
+            )
         }
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             Err(ListenError::Privilege { addr })
@@ -98,7 +103,7 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
     }
 }
 
-fn bind_exact(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind_exact(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
@@ -106,6 +111,6 @@ fn bind_exact(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     TcpListener::from_std(socket.into())
 }

@@ -135,6 +135,9 @@ impl Metrics {
             )?,
             registry,
         };
+        metrics
+            .registry
+            .register(Box::new(crate::listen_queue::ListenQueueCollector::new()?))?;
         for listener in ["http", "https"] {
             metrics.connections_open.with_label_values(&[listener]);
             metrics.connections.with_label_values(&[listener]);

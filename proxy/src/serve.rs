@@ -59,9 +59,10 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let manager = TlsManager::new(args.clone(), config.clone(), certs.clone(), metrics.clone());
 
     let mut inherited = listeners::Inherited::from_env();
-    let http = listeners::listen(config.http_listen, &mut inherited)?;
-    let https = listeners::listen(config.https_listen, &mut inherited)?;
-    let admin_listener = listeners::listen(config.admin_listen, &mut inherited)?;
+    let backlog = config.limits.listen_backlog;
+    let http = listeners::listen(config.http_listen, backlog, &mut inherited)?;
+    let https = listeners::listen(config.https_listen, backlog, &mut inherited)?;
+    let admin_listener = listeners::listen(config.admin_listen, 128, &mut inherited)?;
     if !inherited.unclaimed().is_empty() {
         tracing::warn!(sockets = ?inherited.unclaimed(), "inherited sockets match no configured listener; closing them");
     }

@@ -320,6 +320,45 @@ fn a_lost_syn_ack_shows_as_handshake_time_and_lost_segments_as_retransmits() {
 }
 
 #[test]
+fn a_full_accept_queue_is_counted_as_overflows() {
+    let Some(env) = TestEnv::new("kernel-overflow") else {
+        return;
+    };
+    let proxy = env.serve(&["--ebpf", "required", "--listen-backlog", "4"]);
+    let before = env.metrics().value("proxy_tcp_listen_overflows_total", &[]);
+    proxy.signal(Signal::SIGSTOP);
+    let queued = env.run(|| async {
+        let mut attempts = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            attempts.spawn(tokio::time::timeout(
+                Duration::from_millis(300),
+                TcpStream::connect(HTTPS),
+            ));
+        }
+        let mut connected = Vec::new();
+        while let Some(attempt) = attempts.join_next().await {
+            if let Ok(Ok(Ok(stream))) = attempt {
+                connected.push(stream);
+            }
+        }
+        connected
+    });
+    proxy.signal(Signal::SIGCONT);
+    assert!(
+        queued.len() < 20,
+        "with a backlog of 4 some of 20 connections must not fit"
+    );
+    drop(queued);
+    let overflows = env.metrics().value("proxy_tcp_listen_overflows_total", &[]) - before;
+    assert!(
+        overflows >= 1.0,
+        "a full accept queue must show as overflows, got {overflows}"
+    );
+    // And the proxy serves again once it accepts.
+    https_requests(&env, &proxy, 1);
+}
+
+#[test]
 fn resets_are_counted_by_direction() {
     let Some(env) = TestEnv::new("kernel-resets") else {
         return;
