@@ -125,6 +125,20 @@ pub fn ensure_toolchain() -> Result<()> {
     Ok(())
 }
 
+/// Mounts tracefs where the proxy looks for tracepoints, when this machine has not (the
+/// resets-received tracepoint needs it). Root only; elsewhere says how.
+pub fn ensure_tracefs() -> Result<()> {
+    const TRACEFS: &str = "/sys/kernel/tracing";
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    if !privilege::is_root() {
+        println!("tracefs is not mounted: as root, mount -t tracefs tracefs {TRACEFS}");
+        return Ok(());
+    }
+    exec(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]))
+}
+
 fn detect() -> Option<Toolchain> {
     if !command_works("bpf-linker", &["--version"]) {
         return None;

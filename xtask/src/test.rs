@@ -29,6 +29,7 @@ pub fn test(Options { quick }: Options) -> ExitCode {
         } else {
             Phase::new("deps", || {
                 deps::ensure()?;
+                ebpf::ensure_tracefs()?;
                 ebpf::ensure_toolchain()
             })
         },

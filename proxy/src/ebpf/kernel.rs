@@ -38,7 +38,9 @@ pub fn receive_reset_cookie_offset() -> Result<u32, String> {
             Err(e) => last_error = format!("{path}: {e}"),
         }
     }
-    Err(last_error)
+    Err(format!(
+        "{last_error} (is tracefs mounted? mount -t tracefs tracefs /sys/kernel/tracing)"
+    ))
 }
 
 fn field_offset(format: &str, name: &str) -> Option<u32> {
