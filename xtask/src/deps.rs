@@ -61,7 +61,7 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
 }
 
 /// The packages of `packages` that dpkg does not report as installed.
-fn missing<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
+pub fn missing<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
     let mut missing = Vec::new();
     for &package in packages {
         // Exits 1 for a package dpkg has never heard of: that is "missing" too.

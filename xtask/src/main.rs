@@ -4,6 +4,7 @@
 mod deps;
 mod ebpf;
 mod exec;
+mod monitoring;
 mod phase;
 mod privilege;
 mod run;
@@ -28,6 +29,8 @@ enum Task {
     Test(test::Options),
     /// Build the eBPF kernel program with the BPF toolchain this machine has.
     BuildEbpf,
+    /// Run Prometheus and Alertmanager with monitoring/ against a proxy on this machine.
+    Monitoring,
     /// Build the proxy and serve on :80/:443 with the embedded defaults.
     Run(run::Options),
 }
@@ -35,6 +38,13 @@ enum Task {
 fn main() -> ExitCode {
     match Cli::parse().task {
         Task::Test(opts) => test::test(opts),
+        Task::Monitoring => match monitoring::monitoring() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Task::BuildEbpf => match ebpf::build() {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
