@@ -17,6 +17,9 @@ pub const PACKAGES: &[&str] = &[
     "util-linux", // `nsenter`, `setpriv`: run the proxy in a namespace, drop its privileges
     "nftables",   // `nft`: drop handshake packets to test what the kernel metrics show
     "systemd",    // `systemd-socket-activate`: listening sockets created by another process
+    "prometheus", // `prometheus`, `promtool`: rules checked, unit-tested and run against the proxy
+    "prometheus-alertmanager", // `prometheus-alertmanager`, `amtool`: routing checked and run
+    "yamllint",   // every YAML file of monitoring/
 ];
 
 /// Makes sure every package of [`PACKAGES`] is installed, installing what is missing when this
