@@ -138,6 +138,21 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(crate::listen_queue::ListenQueueCollector::new()?))?;
+        // Known label values exist from the start (at 0), so rates and ratios over them are
+        // 0 rather than absent before the first failure.
+        for reason in crate::tls::FAILURE_REASONS {
+            metrics.tls_handshake_failures.with_label_values(&[reason]);
+        }
+        for kind in crate::upstream::ERROR_KINDS {
+            metrics.upstream_errors.with_label_values(&[kind]);
+        }
+        for (what, result) in [
+            ("config", "failure"),
+            ("tls", "failure"),
+            ("renewal", "failure"),
+        ] {
+            metrics.reloads.with_label_values(&[what, result]);
+        }
         for listener in ["http", "https"] {
             metrics.connections_open.with_label_values(&[listener]);
             metrics.connections.with_label_values(&[listener]);

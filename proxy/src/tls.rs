@@ -64,6 +64,21 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, rustls:
     Ok(Arc::new(config))
 }
 
+/// Every value [`failure_reason`] returns, so the metric exports them all from the start.
+pub const FAILURE_REASONS: [&str; 11] = [
+    "timeout",
+    "eof",
+    "io",
+    "protocol_version",
+    "incompatible",
+    "certificate_rejected",
+    "alert_received",
+    "invalid_message",
+    "peer_misbehaved",
+    "no_application_protocol",
+    "other",
+];
+
 /// A bounded label for why a handshake failed.
 pub fn failure_reason(error: &std::io::Error) -> &'static str {
     use rustls::{AlertDescription, Error, PeerIncompatible, PeerMisbehaved};

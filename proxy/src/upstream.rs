@@ -17,6 +17,9 @@ use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::responses::{Body, text};
 
+/// The `kind` label values of `proxy_upstream_errors_total`.
+pub const ERROR_KINDS: [&str; 3] = ["connect", "timeout", "protocol"];
+
 /// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
     "connection",

@@ -18,6 +18,7 @@
 pub mod client;
 pub mod load;
 pub mod metrics;
+pub mod monitoring;
 pub mod netns;
 pub mod process;
 pub mod tempdir;

@@ -137,7 +137,7 @@ impl Process {
     }
 
     /// Polls `ready` until it holds, panicking with stderr if the process dies or times out.
-    fn wait_ready(&mut self, mut ready: impl FnMut() -> bool) {
+    pub fn wait_ready(&mut self, mut ready: impl FnMut() -> bool) {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             self.assert_running("while waiting for readiness");

@@ -1,0 +1,455 @@
+//! Monitoring as code, tested with the real tools: promtool and amtool on the shipped files,
+//! the dashboards' structure, and a real Prometheus and Alertmanager scraping the real proxy
+//! (eBPF attached) while traffic flows, then a real failure paging through Alertmanager.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use proxy_e2e::client::{self, Req};
+use proxy_e2e::monitoring::{
+    WebhookSink, alerts, copy_tree, monitoring_dir, query, start_alertmanager, start_prometheus,
+    tool,
+};
+use proxy_e2e::{HTTP, TestEnv, poll_until};
+
+/// Whether the monitoring tools are installed; skips loudly, or fails under PROXY_E2E_REQUIRE.
+fn tools_present(test: &str) -> bool {
+    let present = [
+        "promtool",
+        "amtool",
+        "yamllint",
+        "prometheus",
+        "prometheus-alertmanager",
+    ]
+    .iter()
+    .all(|tool| {
+        std::process::Command::new("which")
+            .arg(tool)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if present {
+        return true;
+    }
+    if std::env::var("PROXY_E2E_REQUIRE").as_deref() == Ok("1") {
+        panic!(
+            "{test}: Prometheus, Alertmanager and yamllint are needed (cargo xtask test installs them)"
+        );
+    }
+    eprintln!("\n*** SKIPPED {test}: install prometheus prometheus-alertmanager yamllint ***\n");
+    false
+}
+
+#[test]
+fn shipped_configs_rules_and_dashboards_pass_the_real_tools() {
+    if !tools_present("monitoring-static") {
+        return;
+    }
+    let dir = monitoring_dir();
+    let prometheus_dir = dir.join("prometheus");
+    let checks: [(&str, Vec<String>, &Path); 5] = [
+        (
+            "promtool",
+            vec!["check".into(), "config".into(), "prometheus.yml".into()],
+            &prometheus_dir,
+        ),
+        (
+            "promtool",
+            [
+                vec!["check".into(), "rules".into()],
+                files(&prometheus_dir.join("rules")),
+            ]
+            .concat(),
+            &prometheus_dir,
+        ),
+        (
+            "promtool",
+            [
+                vec!["test".into(), "rules".into()],
+                files(&prometheus_dir.join("tests")),
+            ]
+            .concat(),
+            &prometheus_dir,
+        ),
+        (
+            "amtool",
+            vec![
+                "check-config".into(),
+                "alertmanager/alertmanager.yml".into(),
+            ],
+            &dir,
+        ),
+        ("yamllint", vec!["--strict".into(), ".".into()], &dir),
+    ];
+    for (program, args, cwd) in checks {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, output) = tool(program, &args, cwd);
+        assert!(ok, "{program} {} failed:\n{output}", args.join(" "));
+    }
+
+    // Every alert has the annotations and labels on-call needs, and a runbook section.
+    let alerts_yml =
+        std::fs::read_to_string(prometheus_dir.join("rules/alerts.yml")).expect("alerts.yml");
+    let runbook = std::fs::read_to_string(dir.join("runbook.md"))
+        .expect("runbook.md")
+        .to_lowercase();
+    let mut alert_names = Vec::new();
+    for block in alerts_yml.split("- alert: ").skip(1) {
+        let name = block.lines().next().unwrap_or_default().trim().to_owned();
+        for field in ["severity:", "summary:", "description:", "runbook_url:"] {
+            assert!(block.contains(field), "alert {name} lacks {field}");
+        }
+        let anchor = block
+            .split("runbook_url:")
+            .nth(1)
+            .and_then(|rest| rest.split('#').nth(1))
+            .map(|a| {
+                a.split(['"', '\'', '\n'])
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        assert!(
+            !anchor.is_empty(),
+            "alert {name}: runbook_url has no #anchor"
+        );
+        assert!(
+            runbook.contains(&format!("# {}", anchor.replace('-', " ")))
+                || runbook.contains(&anchor),
+            "runbook.md has no section for #{anchor} ({name})"
+        );
+        alert_names.push(name);
+    }
+    for required in [
+        "ProxyDown",
+        "ProxyEbpfDetached",
+        "ProxyAvailabilityBudgetBurn",
+        "ProxyLatencyBudgetBurn",
+    ] {
+        assert!(
+            alert_names.iter().any(|n| n == required),
+            "no {required} alert"
+        );
+    }
+
+    // Dashboards: JSON a current Grafana accepts, stable uids, an instance variable, and
+    // every target a PromQL query that promtool-grade Prometheus will evaluate below.
+    for (file, uid) in [
+        ("overview.json", "proxy-overview"),
+        ("kernel-latency.json", "proxy-kernel-latency"),
+    ] {
+        let dashboard = dashboard(file);
+        assert_eq!(dashboard["uid"], uid, "{file} uid");
+        assert!(
+            dashboard["schemaVersion"].as_u64().unwrap_or(0) >= 39,
+            "{file} schemaVersion"
+        );
+        let variables = dashboard["templating"]["list"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            variables.iter().any(|v| v["name"] == "instance"),
+            "{file} has no instance variable"
+        );
+        let targets = targets(&dashboard);
+        assert!(
+            targets.len() >= 5,
+            "{file} has only {} queries",
+            targets.len()
+        );
+        for (title, expr) in &targets {
+            assert!(
+                expr.contains("$instance"),
+                "{file} panel {title:?} ignores the instance variable: {expr}"
+            );
+        }
+        let panels = all_panels(&dashboard);
+        for panel in &panels {
+            if panel["type"] != "row" {
+                assert!(
+                    panel["title"].as_str().is_some_and(|t| !t.is_empty()),
+                    "{file}: a panel has no title"
+                );
+                assert!(
+                    panel["fieldConfig"]["defaults"]["unit"].is_string() || panel["type"] == "text",
+                    "{file} panel {:?} has no unit",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    let kernel = serde_json::to_string(&dashboard("kernel-latency.json")).unwrap_or_default();
+    for metric in [
+        "proxy_tcp_handshake_duration_seconds_bucket",
+        "proxy_tcp_accept_wait_seconds_bucket",
+        "proxy_tcp_rtt_seconds_bucket",
+    ] {
+        assert!(
+            kernel.contains(metric),
+            "the kernel dashboard has no {metric} heatmap"
+        );
+    }
+}
+
+#[test]
+fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
+    if !tools_present("monitoring-e2e") {
+        return;
+    }
+    let Some(env) = TestEnv::new("monitoring-e2e") else {
+        return;
+    };
+    let mut backend = env.backend("127.0.0.1:8080");
+    let proxy = env.serve(&[
+        "--ebpf",
+        "required",
+        "--upstream",
+        "http://127.0.0.1:8080",
+        "--upstream-connect-timeout",
+        "200ms",
+    ]);
+
+    // The shipped files, with test-only timings: scrape and evaluate every second, the fast
+    // burn-rate alerts' `for` shortened, and Alertmanager notifying at once.
+    let config_dir = env.path("monitoring");
+    copy_tree(&config_dir, &|path, text| match path {
+        "prometheus/prometheus.yml" => text
+            .replace("scrape_interval: 15s", "scrape_interval: 1s")
+            .replace("evaluation_interval: 15s", "evaluation_interval: 1s"),
+        "prometheus/rules/alerts.yml" => text.replace("for: 2m", "for: 5s"),
+        "alertmanager/alertmanager.yml" => text.replace("group_wait: 30s", "group_wait: 1s"),
+        _ => text,
+    });
+    let sink = WebhookSink::start(&env.ns, Duration::from_secs(180));
+    let _alertmanager = start_alertmanager(
+        &env.ns,
+        &config_dir.join("alertmanager/alertmanager.yml"),
+        &env.path("am-data"),
+        env.path("alertmanager.stderr"),
+    );
+    let _prometheus = start_prometheus(
+        &env.ns,
+        &config_dir.join("prometheus/prometheus.yml"),
+        &env.path("prom-data"),
+        env.path("prometheus.stderr"),
+    );
+
+    // Bounded traffic through both ports, spread over several scrapes.
+    let tls = proxy.tls();
+    let started = Instant::now();
+    let mut sent = 0u32;
+    while started.elapsed() < Duration::from_secs(6) && sent < 400 {
+        let resp = env
+            .run(|| client::https(&tls, Req::get("/")))
+            .unwrap_or_else(|e| panic!("HTTPS: {e}"));
+        assert_eq!(resp.text(), "Hello SRE!");
+        let redirect = env
+            .run(|| {
+                client::raw_http(
+                    HTTP,
+                    b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                )
+            })
+            .unwrap_or_else(|e| panic!("HTTP: {e}"));
+        assert_eq!(redirect.status, 308);
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let scraped = poll_until(Duration::from_secs(20), || {
+        let value = query(
+            &env.ns,
+            "sum(proxy_http_requests_total{listener=\"https\"})",
+        )
+        .ok()?
+        .first()?
+        .1;
+        (value >= f64::from(sent)).then_some(())
+    });
+    assert!(
+        scraped.is_some(),
+        "Prometheus never scraped the {sent} requests"
+    );
+    std::thread::sleep(Duration::from_secs(3)); // a few rule evaluations
+
+    // Every recording rule has a value.
+    let recording = std::fs::read_to_string(config_dir.join("prometheus/rules/recording.yml"))
+        .expect("recording.yml");
+    let records: Vec<&str> = recording
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: "))
+        .collect();
+    assert!(
+        records.len() >= 10,
+        "only {} recording rules",
+        records.len()
+    );
+    for record in &records {
+        let result = query(&env.ns, record).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !result.is_empty(),
+            "recording rule {record} has no data after traffic"
+        );
+        assert!(
+            result.iter().all(|(_, v)| v.is_finite()),
+            "recording rule {record} is not a number: {result:?}"
+        );
+    }
+    let availability =
+        query(&env.ns, "job:proxy_http_requests_errors:ratio_rate5m").unwrap_or_default();
+    assert!(
+        availability.iter().all(|(_, v)| *v == 0.0),
+        "no request failed yet: {availability:?}"
+    );
+
+    // Every query of every dashboard panel returns data.
+    let mut empty = Vec::new();
+    for file in ["overview.json", "kernel-latency.json"] {
+        let dashboard = dashboard(file);
+        let variables = variable_names(&dashboard);
+        for (title, expr) in targets(&dashboard) {
+            let expr = grafana_to_promql(&expr, &variables);
+            match query(&env.ns, &expr) {
+                Ok(result) if !result.is_empty() => {}
+                Ok(_) => empty.push(format!("{file} / {title}: {expr}")),
+                Err(e) => panic!("{file} / {title}: {e}"),
+            }
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "dashboard queries with no data after traffic:\n{}",
+        empty.join("\n")
+    );
+    for expr in [
+        "sum(rate(proxy_tcp_handshake_duration_seconds_count{port=\"443\"}[1m]))",
+        "sum(rate(proxy_tcp_accept_wait_seconds_count{port=\"80\"}[1m]))",
+        "sum(proxy_ebpf_attached)",
+    ] {
+        let value = query(&env.ns, expr)
+            .unwrap_or_default()
+            .first()
+            .map_or(0.0, |s| s.1);
+        assert!(
+            value > 0.0,
+            "{expr} should be non-zero after traffic, got {value}"
+        );
+    }
+
+    // Break it for real: the upstream goes away and HTTPS requests fail with 502.
+    backend.signal(Signal::SIGKILL);
+    let _ = backend.wait_exit(Duration::from_secs(5));
+    let fired = poll_until(Duration::from_secs(60), || {
+        let resp = env.run(|| client::https(&tls, Req::get("/"))).ok()?;
+        assert_eq!(
+            resp.status.as_u16(),
+            502,
+            "with the upstream gone the proxy answers 502"
+        );
+        alerts(&env.ns)
+            .iter()
+            .any(|(name, state)| name == "ProxyAvailabilityBudgetBurn" && state == "firing")
+            .then_some(())
+    });
+    assert!(
+        fired.is_some(),
+        "the fast-burn availability alert never fired; alerts: {:?}",
+        alerts(&env.ns)
+    );
+    let paged = poll_until(Duration::from_secs(30), || {
+        sink.text()
+            .contains("ProxyAvailabilityBudgetBurn")
+            .then_some(())
+    });
+    assert!(
+        paged.is_some(),
+        "Alertmanager never delivered the alert to the receiver; got: {}",
+        sink.text()
+    );
+    assert!(
+        sink.text().contains("\"severity\":\"critical\""),
+        "the page carries its severity: {}",
+        sink.text()
+    );
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.ends_with(".yml") || p.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn dashboard(file: &str) -> serde_json::Value {
+    let path = monitoring_dir().join("grafana/dashboards").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+fn all_panels(dashboard: &serde_json::Value) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut stack: Vec<serde_json::Value> =
+        dashboard["panels"].as_array().cloned().unwrap_or_default();
+    while let Some(panel) = stack.pop() {
+        stack.extend(panel["panels"].as_array().cloned().unwrap_or_default());
+        out.push(panel);
+    }
+    out
+}
+
+/// (panel title, expr) of every query target.
+fn targets(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+    all_panels(dashboard)
+        .iter()
+        .flat_map(|panel| {
+            let title = panel["title"].as_str().unwrap_or_default().to_owned();
+            panel["targets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(move |t| t["expr"].as_str().map(|e| (title.clone(), e.to_owned())))
+        })
+        .collect()
+}
+
+/// The dashboard's template variables.
+fn variable_names(dashboard: &serde_json::Value) -> Vec<String> {
+    dashboard["templating"]["list"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The query as Grafana would send it for "All" of every variable over the last minutes.
+fn grafana_to_promql(expr: &str, variables: &[String]) -> String {
+    let mut expr = expr
+        .replace("$__rate_interval", "1m")
+        .replace("${__rate_interval}", "1m")
+        .replace("$__interval", "15s")
+        .replace("$__range", "5m");
+    // Longest names first, so that `$instance` never eats part of `$instance_group`.
+    let mut variables = variables.to_vec();
+    variables.sort_by_key(|name| std::cmp::Reverse(name.len()));
+    for name in variables {
+        for form in [
+            format!("${{{name}:regex}}"),
+            format!("${{{name}:pipe}}"),
+            format!("${{{name}}}"),
+            format!("${name}"),
+        ] {
+            expr = expr.replace(&form, ".*");
+        }
+    }
+    expr
+}
