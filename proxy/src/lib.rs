@@ -25,6 +25,7 @@ pub mod serve;
 pub mod server;
 pub mod signals;
 pub mod state_dir;
+pub mod supervisor;
 pub mod tls;
 pub mod tls_manager;
 pub mod upstream;

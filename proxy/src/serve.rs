@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::server::{ListenerKind, Server};
 use crate::tls::{self, CertStore};
 use crate::tls_manager::TlsManager;
-use crate::{admin, ebpf, signals};
+use crate::{admin, ebpf, signals, supervisor};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,9 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 tracing::info!("SIGHUP received: reloading configuration and certificates");
+                supervisor::reloading();
                 manager.reload().await;
+                supervisor::ready("serving (reloaded)");
             }
         });
     }
@@ -104,7 +106,10 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         "proxy ready"
     );
 
+    supervisor::ready("serving");
+
     signals::terminate().await;
+    supervisor::stopping();
     ready.store(false, Ordering::Release);
     server.shutdown.cancel();
     let _ = tokio::join!(accept_http, accept_https);
