@@ -7,6 +7,7 @@ mod exec;
 mod monitoring;
 mod phase;
 mod privilege;
+mod pypi;
 mod run;
 mod test;
 mod workspace;

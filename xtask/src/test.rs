@@ -8,7 +8,7 @@ use crate::{
     deps, ebpf,
     exec::exec,
     phase::{self, Phase},
-    workspace,
+    pypi, workspace,
 };
 
 /// Options of `cargo xtask test`.
@@ -29,6 +29,7 @@ pub fn test(Options { quick }: Options) -> ExitCode {
         } else {
             Phase::new("deps", || {
                 deps::ensure()?;
+                pypi::ensure()?;
                 ebpf::ensure_tracefs()?;
                 ebpf::ensure_toolchain()
             })
