@@ -58,6 +58,18 @@ pub enum CertError {
     /// A certificate did not parse.
     #[error(transparent)]
     Parse(#[from] CertParseError),
+    /// The background task doing the work panicked or was cancelled.
+    #[error("certificate task failed: {0}")]
+    Task(String),
+}
+
+/// Runs certificate work (file reads, key generation) off the async workers.
+pub async fn off_thread(
+    work: impl FnOnce() -> Result<ServingCert, CertError> + Send + 'static,
+) -> Result<ServingCert, CertError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(CertError::Task(e.to_string())))
 }
 
 /// Certificate material ready to serve.

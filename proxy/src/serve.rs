@@ -47,12 +47,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
 
     let initial = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || certificates::obtain(&config, &tls::provider()))
-            .await
-            .map_err(|e| CertError::Pem {
-                path: Default::default(),
-                reason: e.to_string(),
-            })??
+        certificates::off_thread(move || certificates::obtain(&config, &tls::provider())).await?
     };
     tracing::info!(serial = %initial.leaf.serial, names = ?initial.leaf.names.iter().map(ToString::to_string).collect::<Vec<_>>(), "certificate loaded");
     let certs = CertStore::new(initial);

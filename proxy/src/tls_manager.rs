@@ -69,7 +69,9 @@ impl TlsManager {
             }
         }
         let snapshot = config.clone();
-        let outcome = blocking(move || certificates::obtain(&snapshot, &tls::provider())).await;
+        let outcome =
+            certificates::off_thread(move || certificates::obtain(&snapshot, &tls::provider()))
+                .await;
         self.apply("tls", outcome);
         self.reloaded.notify_one();
     }
@@ -94,7 +96,9 @@ impl TlsManager {
             }
             let config = self.config.lock().await;
             let snapshot = config.clone();
-            let renewed = blocking(move || certificates::renew(&snapshot, &tls::provider())).await;
+            let renewed =
+                certificates::off_thread(move || certificates::renew(&snapshot, &tls::provider()))
+                    .await;
             if !self.apply("renewal", renewed) {
                 // Keep serving the current leaf and try again soon, well before it expires.
                 let retry = (config.leaf_lifetime / 10)
@@ -138,16 +142,4 @@ pub fn record_expiry(metrics: &Metrics, serving: &ServingCert) {
             .with_label_values(&["ca"])
             .set(ca.not_after_unix());
     }
-}
-
-/// Runs file and key work off the async workers.
-async fn blocking(
-    work: impl FnOnce() -> Result<ServingCert, CertError> + Send + 'static,
-) -> Result<ServingCert, CertError> {
-    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
-        Err(CertError::Pem {
-            path: Default::default(),
-            reason: format!("certificate task failed: {e}"),
-        })
-    })
 }
