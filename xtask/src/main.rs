@@ -9,6 +9,7 @@ mod phase;
 mod privilege;
 mod pypi;
 mod run;
+mod supply_chain;
 mod test;
 mod workspace;
 

@@ -8,7 +8,7 @@ use crate::{
     deps, ebpf,
     exec::exec,
     phase::{self, Phase},
-    pypi, workspace,
+    pypi, supply_chain, workspace,
 };
 
 /// Options of `cargo xtask test`.
@@ -52,6 +52,11 @@ pub fn test(Options { quick }: Options) -> ExitCode {
                     "warnings",
                 ]))
             })
+        },
+        if quick {
+            Phase::skip("supply-chain", "--quick")
+        } else {
+            Phase::new("supply-chain", supply_chain::check)
         },
         Phase::new("build", || {
             exec(workspace::cargo().args(["build", "--locked", "-p", "proxy"]))

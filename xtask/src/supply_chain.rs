@@ -1,0 +1,113 @@
+//! The supply-chain phase of `cargo xtask test`: `cargo deny` checks licences, bans, sources
+//! and known advisories of every dependency, offline. Advisories come from the RustSec
+//! snapshot in `../shared/advisory-db` (beside the checkout, in CI too), laid out as the git
+//! checkout cargo-deny reads (`deny.toml` points `db-path` at `target/advisory-db`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{exec::exec, workspace};
+
+const CARGO_DENY_VERSION: &str = "0.20.2";
+/// The directory name cargo-deny derives from the RustSec database URL.
+const DB_DIR: &str = "advisory-db-3157b0e258782691";
+
+/// Installs cargo-deny if needed, prepares the advisory snapshot, and runs every check.
+pub fn check() -> Result<()> {
+    let installed = Command::new("cargo")
+        .args(["deny", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        exec(Command::new("cargo").args([
+            "install",
+            "cargo-deny",
+            "--locked",
+            "--version",
+            CARGO_DENY_VERSION,
+        ]))?;
+    }
+    prepare_advisory_db()?;
+    // Every platform's crates must be present for `cargo metadata` before going offline.
+    exec(workspace::cargo().args(["fetch", "--locked"]))?;
+    exec(workspace::cargo().args(["deny", "--offline", "check"]))
+}
+
+/// Copies the snapshot into `target/advisory-db/<DB_DIR>` as a one-commit git repository
+/// dated like the snapshot (cargo-deny reads the database's age from its HEAD commit).
+fn prepare_advisory_db() -> Result<()> {
+    let root = workspace::root();
+    let snapshot = root.join("../shared/advisory-db");
+    if !snapshot.join("crates").is_dir() {
+        bail!(
+            "the RustSec snapshot {} is missing: advisories cannot be checked offline",
+            snapshot.display()
+        );
+    }
+    let db = root.join("target/advisory-db").join(DB_DIR);
+    if db.join(".git").is_dir() {
+        return Ok(());
+    }
+    if db.exists() {
+        std::fs::remove_dir_all(&db).with_context(|| format!("removing {}", db.display()))?;
+    }
+    copy_dir(&snapshot, &db)?;
+    let date = snapshot_date(&root).unwrap_or_else(|| "2026-08-21T00:00:00Z".to_owned());
+    let git = |args: &[&str]| -> Result<()> {
+        exec(
+            Command::new("git")
+                .current_dir(&db)
+                .args(args)
+                .env("GIT_AUTHOR_NAME", "rustsec snapshot")
+                .env("GIT_AUTHOR_EMAIL", "snapshot@localhost")
+                .env("GIT_COMMITTER_NAME", "rustsec snapshot")
+                .env("GIT_COMMITTER_EMAIL", "snapshot@localhost")
+                .env("GIT_AUTHOR_DATE", &date)
+                .env("GIT_COMMITTER_DATE", &date),
+        )
+    };
+    git(&["init", "--quiet"])?;
+    git(&["add", "--all"])?;
+    git(&[
+        "commit",
+        "--quiet",
+        "--no-gpg-sign",
+        "--message",
+        "RustSec advisory-db snapshot",
+    ])
+}
+
+/// The snapshot's date from `../shared/advisory-db.SNAPSHOT.txt` ("..., 2026-08-21)").
+fn snapshot_date(root: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(root.join("../shared/advisory-db.SNAPSHOT.txt")).ok()?;
+    let date = text
+        .split(|c: char| !(c.is_ascii_digit() || c == '-'))
+        .find(|word| {
+            word.len() == 10 && word.as_bytes()[4] == b'-' && word.as_bytes()[7] == b'-'
+        })?;
+    Some(format!("{date}T00:00:00Z"))
+}
+
+fn copy_dir(from: &Path, to: &PathBuf) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying to {}", target.display()))?;
+            // The snapshot is read-only; git needs to own its copy.
+            let mut permissions = std::fs::metadata(&target)?.permissions();
+            #[allow(clippy::permissions_set_readonly_false)] // our own copy, in target/
+            permissions.set_readonly(false);
+            std::fs::set_permissions(&target, permissions)?;
+        }
+    }
+    Ok(())
+}
