@@ -139,7 +139,18 @@ pub fn load_files(
         path: key.to_owned(),
         source,
     })?;
-    let serving = build(cert, &cert_pem, &key_pem, provider, None)?;
+    from_pem(cert, &cert_pem, &key_pem, provider)
+}
+
+/// Validates a PEM chain and key as `load_files` does, from bytes; `origin` names them in
+/// errors. The chain's last certificate, if it is not the leaf, is taken as the CA.
+pub fn from_pem(
+    origin: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    provider: &CryptoProvider,
+) -> Result<ServingCert, CertError> {
+    let serving = build(origin, cert_pem, key_pem, provider, None)?;
     let ca = match serving.certified_key.cert.as_slice() {
         [_, .., last] => Some(CertInfo::from_der(last)?),
         _ => None,

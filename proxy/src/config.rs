@@ -312,10 +312,14 @@ impl Config {
                 .admin_listen
                 .or(file.admin_listen)
                 .unwrap_or(any(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090)),
-            public_https_port: args
-                .public_https_port
-                .or(file.public_https_port)
-                .unwrap_or(https_listen.port()),
+            public_https_port: positive(
+                "public_https_port",
+                usize::from(
+                    args.public_https_port
+                        .or(file.public_https_port)
+                        .unwrap_or(https_listen.port()),
+                ),
+            )? as u16,
             ca_dir: args
                 .ca_dir
                 .clone()
@@ -544,6 +548,12 @@ mod tests {
             ServeArgs::default(),
             Some("idle_timeout = \"0s\""),
             "idle_timeout",
+        );
+        // Found by fuzzing: port 0 would put ":0" into every redirect.
+        check_invalid(
+            ServeArgs::default(),
+            Some("public_https_port = 0"),
+            "public_https_port",
         );
     }
 
