@@ -20,6 +20,8 @@ pub const PACKAGES: &[&str] = &[
     "prometheus", // `prometheus`, `promtool`: rules checked, unit-tested and run against the proxy
     "prometheus-alertmanager", // `prometheus-alertmanager`, `amtool`: routing checked and run
     "yamllint",   // every YAML file of monitoring/
+    "vagrant",    // `vagrant validate` of vagrant/Vagrantfile (no VM is started)
+    "shellcheck", // provisioning and helper scripts of vagrant/ and deploy/
 ];
 
 /// Makes sure every package of [`PACKAGES`] is installed, installing what is missing when this
