@@ -24,6 +24,8 @@ pub struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
     requests: AtomicU64,
+    /// Woken when the first request arrives.
+    first: Notify,
     /// Milliseconds after `opened` at which the connection last became idle.
     idle_since_ms: AtomicU64,
     changed: Notify,
@@ -35,6 +37,7 @@ impl Activity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            first: Notify::new(),
             idle_since_ms: AtomicU64::new(0),
             changed: Notify::new(),
         })
@@ -42,7 +45,9 @@ impl Activity {
 
     /// Marks a request in flight until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        if self.requests.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.first.notify_waiters();
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.changed.notify_one();
         InFlight(self.clone())
@@ -51,6 +56,20 @@ impl Activity {
     /// Whether the connection has sent at least one request.
     pub fn any_request(&self) -> bool {
         self.requests.load(Ordering::Acquire) > 0
+    }
+
+    /// Resolves once the connection has sent a request.
+    pub async fn first_request(&self) {
+        loop {
+            let notified = self.first.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a request arriving in between still wakes us.
+            notified.as_mut().enable();
+            if self.any_request() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Resolves when the connection has broken a deadline: no first request within

@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::responses::{Body, full, text};
 
 /// Serves the admin endpoints on `listener` until the process exits.
-pub async fn serve(listener: TcpListener, metrics: Metrics, ready: Arc<AtomicBool>) {
+pub async fn serve(listener: Arc<TcpListener>, metrics: Metrics, ready: Arc<AtomicBool>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,

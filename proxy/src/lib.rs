@@ -14,6 +14,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod ebpf;
+pub mod handover;
 pub mod listen_queue;
 pub mod listeners;
 pub mod logging;

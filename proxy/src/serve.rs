@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 use crate::server::{ListenerKind, Server};
 use crate::tls::{self, CertStore};
 use crate::tls_manager::TlsManager;
-use crate::{admin, ebpf, signals, supervisor};
+use crate::{admin, ebpf, handover, signals, supervisor};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,32 @@ pub enum ServeError {
     /// The metrics registry refused a metric.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+}
+
+/// Resolves once a successor, started on SIGUSR2, serves on our listening sockets. A failed
+/// handover is logged and the proxy keeps serving; waits forever without the signal handler.
+async fn hand_over_on_sigusr2(listeners: &[Arc<tokio::net::TcpListener>; 3]) {
+    let Some(mut usr2) = signals::user2() else {
+        return std::future::pending().await;
+    };
+    while usr2.recv().await.is_some() {
+        tracing::info!("SIGUSR2 received: starting a successor on the same listening sockets");
+        let listeners = listeners.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&tokio::net::TcpListener> = listeners.iter().map(AsRef::as_ref).collect();
+            handover::start_successor(&refs)
+        })
+        .await;
+        match started {
+            Ok(Ok(pid)) => {
+                tracing::info!(successor = pid, "successor serving; draining and exiting");
+                return;
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "handover failed; still serving"),
+            Err(e) => tracing::error!(error = %e, "handover failed; still serving"),
+        }
+    }
+    std::future::pending().await
 }
 
 /// Serves until a termination signal, then drains in-flight requests.
@@ -72,9 +98,12 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
 
     let server = Server::new(&config, metrics.clone(), certs, kernel)?;
     let ready = Arc::new(AtomicBool::new(false));
+    // Shared with a successor on SIGUSR2; dropped here at shutdown so the ports close.
+    let listeners = [Arc::new(http), Arc::new(https), Arc::new(admin_listener)];
+    let [http, https, admin_listener] = listeners.clone();
     let accept_http = tokio::spawn(server.clone().accept_loop(http, ListenerKind::Http));
     let accept_https = tokio::spawn(server.clone().accept_loop(https, ListenerKind::Https));
-    tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
+    let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
     tokio::spawn({
         let manager = manager.clone();
         let shutdown = server.shutdown.clone();
@@ -103,7 +132,15 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
 
     supervisor::ready("serving");
 
-    signals::terminate().await;
+    let handed_over = tokio::select! {
+        () = signals::terminate() => false,
+        () = hand_over_on_sigusr2(&listeners) => true,
+    };
+    drop(listeners);
+    if handed_over {
+        // The successor answers health checks and accepts from here on.
+        admin.abort();
+    }
     supervisor::stopping();
     ready.store(false, Ordering::Release);
     server.shutdown.cancel();

@@ -108,7 +108,7 @@ impl Server {
 
     /// Accepts connections until shutdown. At the connection cap it stops accepting, so the
     /// kernel queues new clients instead of the proxy overcommitting.
-    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, kind: ListenerKind) {
+    pub async fn accept_loop(self: Arc<Self>, listener: Arc<TcpListener>, kind: ListenerKind) {
         loop {
             let slot = tokio::select! {
                 slot = self.connection_slots.clone().acquire_owned() => match slot {
@@ -140,8 +140,8 @@ impl Server {
                 }
             }
         }
-        // Dropping the listener here closes the port: new clients are refused while
-        // in-flight requests drain.
+        // Dropping the last reference closes the port: new clients are refused while
+        // in-flight requests drain (unless a successor holds the socket too).
     }
 
     async fn serve_connection(
@@ -230,22 +230,33 @@ impl Server {
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
         let timeouts = self.config.timeouts;
-        let grace = tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            () = activity.expired(timeouts.header_read, timeouts.idle) => {
-                tracing::debug!("closing connection: deadline passed with no request in flight");
-                if !activity.any_request() {
-                    // Not even a first request (or an HTTP/2 preface): nothing to say goodbye to.
+        let mut draining = false;
+        let grace = loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
                     return;
                 }
-                Duration::from_secs(1)
+                () = activity.expired(timeouts.header_read, timeouts.idle) => {
+                    tracing::debug!("closing connection: deadline passed with no request in flight");
+                    if !activity.any_request() {
+                        // Not even a first request (or an HTTP/2 preface): nothing to say goodbye to.
+                        return;
+                    }
+                    break Duration::from_secs(1);
+                }
+                () = self.shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    if activity.any_request() {
+                        break timeouts.drain;
+                    }
+                    // Accepted but no request yet: the client is about to send one. Closing
+                    // now would fail it; serve it first (the first-request deadline still holds).
+                }
+                () = activity.first_request(), if draining => break timeouts.drain,
             }
-            () = self.shutdown.cancelled() => timeouts.drain,
         };
         // Finishes requests in flight (HTTP/2: GOAWAY); an idle connection closes at once.
         connection.as_mut().graceful_shutdown();

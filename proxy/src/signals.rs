@@ -1,4 +1,5 @@
-//! Unix signals the processes react to: SIGTERM/SIGINT (drain and exit) and SIGHUP (reload).
+//! Unix signals the processes react to: SIGTERM/SIGINT (drain and exit), SIGHUP (reload) and
+//! SIGUSR2 (hand the listening sockets to a successor, then drain and exit).
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -15,6 +16,11 @@ pub async fn terminate() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
+}
+
+/// A stream of SIGUSR2s (hand over to a successor); `None` without a handler.
+pub fn user2() -> Option<tokio::signal::unix::Signal> {
+    signal(SignalKind::user_defined2()).ok()
 }
 
 /// A stream of SIGHUPs; `None` if the handler cannot be installed.

@@ -43,7 +43,7 @@ const OBJECT: Option<&[u8]> = None;
 pub enum EbpfError {
     /// The binary was built without the eBPF object.
     #[error(
-        "this build has no eBPF object (build with `cargo xtask build` or set PROXY_EBPF_OBJECT)"
+        "this build has no eBPF object (build with `cargo xtask run`, or set PROXY_EBPF_OBJECT after `cargo xtask build-ebpf`)"
     )]
     NoObject,
     /// The kernel refused the object (no privilege, no BTF, verifier).
