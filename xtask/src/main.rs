@@ -1,9 +1,11 @@
 //! The project's task runner (`cargo xtask <task>`): one module per task, every external
 //! command run through [`exec::exec`]. See `cargo xtask --help`.
 
+mod bench;
 mod deps;
 mod ebpf;
 mod exec;
+mod fuzz;
 mod monitoring;
 mod phase;
 mod privilege;
@@ -35,11 +37,14 @@ enum Task {
     Monitoring,
     /// Build the proxy and serve on :80/:443 with the embedded defaults.
     Run(run::Options),
+    /// Benchmark the release proxy (eBPF attached and detached) against nginx on two cores.
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().task {
         Task::Test(opts) => test::test(opts),
+        Task::Bench(opts) => bench::bench(opts),
         Task::Monitoring => match monitoring::monitoring() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

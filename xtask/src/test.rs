@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use crate::{
     deps, ebpf,
     exec::exec,
+    fuzz,
     phase::{self, Phase},
     pypi, supply_chain, workspace,
 };
@@ -57,6 +58,11 @@ pub fn test(Options { quick }: Options) -> ExitCode {
             Phase::skip("supply-chain", "--quick")
         } else {
             Phase::new("supply-chain", supply_chain::check)
+        },
+        if quick {
+            Phase::skip("fuzz", "--quick")
+        } else {
+            Phase::new("fuzz", || fuzz::run(10))
         },
         Phase::new("build", || {
             exec(workspace::cargo().args(["build", "--locked", "-p", "proxy"]))

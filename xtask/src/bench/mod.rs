@@ -1,0 +1,354 @@
+//! `cargo xtask bench`: the release proxy against itself without eBPF and against nginx, on
+//! one server core with the load generator on another. Every contender runs in its own fresh
+//! network namespace on the real ports 80/443, the client inside the same namespace; the
+//! contenders are interleaved (A B C A B C ...) over the repetitions, and the report gives
+//! medians with min–max, the ratios proxy/nginx and attached/detached, and the targets.
+//! A markdown table is printed at the end and the raw figures written to
+//! `target/bench/bench-<UTC time>.json`.
+//!
+//! Scenarios: HTTP/1.1 keep-alive over TLS (`wrk --latency`), HTTP/2 with multiplexing
+//! (`h2load -c N -m M`), full TLS handshakes (`openssl s_time -new`, one request per
+//! connection, never resumed; the server CPU time per handshake is the figure, since the
+//! client is the limit), plain HTTP → 308 (`wrk` on :80), and each server's peak RSS.
+
+mod handshake_check;
+mod load;
+mod measure;
+mod netns;
+mod nginx;
+mod report;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::json;
+
+use crate::{deps, ebpf, exec::exec, privilege, workspace};
+use measure::Bench;
+use netns::Netns;
+use report::{Contender, Results};
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Two repetitions of 3-second runs (about two minutes) instead of 5 of 8 seconds.
+    #[arg(long)]
+    pub quick: bool,
+    /// The core the server (proxy or nginx) is pinned to.
+    #[arg(long, default_value_t = 0)]
+    pub server_cpu: usize,
+    /// The core the load generator is pinned to.
+    #[arg(long, default_value_t = 1)]
+    pub client_cpu: usize,
+    /// Repetitions of each contender [default: 5, --quick: 2].
+    #[arg(long)]
+    pub reps: Option<usize>,
+    /// Seconds of each measured run [default: 8, --quick: 3].
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// HTTP/1.1 keep-alive connections (wrk -c).
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// HTTP/2 connections (h2load -c).
+    #[arg(long, default_value_t = 16)]
+    pub h2_connections: usize,
+    /// Concurrent streams per HTTP/2 connection (h2load -m).
+    #[arg(long, default_value_t = 32)]
+    pub h2_streams: usize,
+    /// Parallel `openssl s_time -new` clients for the full-handshake run.
+    #[arg(long, default_value_t = 4)]
+    pub handshake_clients: usize,
+    /// Leave out the run with the proxy's access log on.
+    #[arg(long)]
+    pub no_access_log_run: bool,
+    /// Never install missing tools (wrk, h2load, nginx) with apt.
+    #[arg(long)]
+    pub no_install: bool,
+}
+
+/// The Debian packages of the load generators and of the namespaces they run in.
+const TOOLS: &[&str] = &[
+    "wrk",            // HTTP/1.1 keep-alive and redirect load, with latency percentiles
+    "nghttp2-client", // h2load: multiplexed HTTP/2 load
+    "openssl",        // s_time -new: full TLS handshakes
+    "curl",           // readiness and answer checks
+    "iproute2",       // ip netns
+    "util-linux",     // nsenter, taskset
+];
+
+/// Runs the benchmark; prints the error and fails on the first problem (the guards stop every
+/// server and delete every namespace on the way out).
+pub fn bench(opts: Options) -> ExitCode {
+    match run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(opts: Options) -> Result<()> {
+    let started = Instant::now();
+    let reps = opts.reps.unwrap_or(if opts.quick { 2 } else { 5 }).max(1);
+    let seconds = opts
+        .seconds
+        .unwrap_or(if opts.quick { 3 } else { 8 })
+        .max(1);
+    check_machine(&opts)?;
+    netns::remove_stale()?;
+    ensure_tools(!opts.no_install)?;
+    let nginx = nginx::find_or_install(!opts.no_install)
+        .and_then(|bin| nginx::version(&bin).map(|v| (bin, v)));
+
+    println!("==> building the release proxy with its eBPF program");
+    ebpf::build().context("the attached contender needs the eBPF program")?;
+    exec(workspace::cargo().args(["build", "--release", "--locked", "-p", "proxy"]))?;
+
+    let dir = TempDir::create()?;
+    let bench = Bench {
+        proxy: workspace::proxy_bin(true),
+        nginx,
+        dir: dir.0.clone(),
+        server_cpu: opts.server_cpu,
+        client_cpu: opts.client_cpu,
+        seconds,
+        connections: opts.connections,
+        h2_connections: opts.h2_connections,
+        h2_streams: opts.h2_streams,
+        handshake_clients: opts.handshake_clients.max(1),
+        ticks: netns::ticks_per_second(),
+    };
+    let mut contenders = vec![Contender::Attached, Contender::Detached];
+    if bench.nginx.is_some() {
+        contenders.push(Contender::Nginx);
+    }
+    if !opts.no_access_log_run {
+        contenders.push(Contender::AccessLog);
+    }
+    let loadavg = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "==> proxy and nginx pinned to CPU {}, load generators to CPU {}; load average now: {}",
+        opts.server_cpu,
+        opts.client_cpu,
+        loadavg.trim()
+    );
+
+    let mut namespaces = 0;
+    let mut fresh_ns = || {
+        namespaces += 1;
+        Netns::create(namespaces)
+    };
+    let handshake_check = handshake_check::check(&bench, &mut fresh_ns)?;
+
+    let per_run = |c: Contender| match c {
+        Contender::AccessLog => seconds + 4,
+        _ => 4 * seconds + 6,
+    };
+    let total: u64 = reps as u64 * contenders.iter().map(|&c| per_run(c)).sum::<u64>();
+    let runs = reps * contenders.len();
+    let measuring = Instant::now();
+    let mut results = Results::default();
+    for rep in 1..=reps {
+        for (i, &contender) in contenders.iter().enumerate() {
+            let done = (rep - 1) * contenders.len() + i;
+            let elapsed = measuring.elapsed().as_secs();
+            let left = if done == 0 {
+                total
+            } else {
+                // Scale the plan by how long the runs so far really took.
+                let planned_done: u64 = (rep as u64 - 1)
+                    * contenders.iter().map(|&c| per_run(c)).sum::<u64>()
+                    + contenders[..i].iter().map(|&c| per_run(c)).sum::<u64>();
+                (total - planned_done) * elapsed / planned_done.max(1)
+            };
+            println!(
+                "==> [rep {rep}/{reps}, run {}/{runs}, ~{} left] {}",
+                done + 1,
+                minutes(left),
+                contender.label()
+            );
+            let ns = fresh_ns()?;
+            let mut server = bench.start(contender, &ns)?;
+            let run = bench.measure(contender, rep, &ns, &mut server, &|line| {
+                println!("    {line}");
+            })?;
+            drop(server);
+            drop(ns);
+            results.runs.push(run);
+        }
+    }
+
+    let table = results.markdown();
+    println!("\n==> results: medians (min–max) of {reps} interleaved runs, {seconds} s each\n");
+    println!("{table}");
+    let errors: Vec<String> = results
+        .runs
+        .iter()
+        .flat_map(|run| {
+            run.errors
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(move |(what, n)| {
+                    format!("{} rep {} {what}: {n}", run.contender.label(), run.rep)
+                })
+        })
+        .collect();
+    if !errors.is_empty() {
+        println!("load-generator errors: {}", errors.join(", "));
+    }
+
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (stamp, iso) = report::utc(now);
+    let mut json = results.json();
+    json["started"] = json!(iso);
+    json["command"] = json!(command_line());
+    json["markdown"] = json!(table);
+    json["machine"] = machine(&loadavg);
+    json["tools"] = tools(&bench);
+    json["handshake_check"] = handshake_check;
+    json["settings"] = json!({
+        "reps": reps,
+        "seconds": seconds,
+        "server_cpu": opts.server_cpu,
+        "client_cpu": opts.client_cpu,
+        "wrk_connections": opts.connections,
+        "h2load_connections": opts.h2_connections,
+        "h2load_streams": opts.h2_streams,
+        "s_time_clients": bench.handshake_clients,
+        "proxy_log": "PROXY_LOG=warn (access log off) except the access-log run (info, to /dev/null)",
+        "nginx": "worker_processes 1, access_log off, keepalive_requests 1000000",
+    });
+    let out = workspace::target_dir().join("bench");
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let path = out.join(format!("bench-{stamp}.json"));
+    fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "raw figures: {} (done in {})",
+        path.display(),
+        minutes(started.elapsed().as_secs())
+    );
+    Ok(())
+}
+
+/// Root (namespaces, ports 80/443, eBPF) and two distinct cores that exist.
+fn check_machine(opts: &Options) -> Result<()> {
+    if !privilege::is_root() {
+        bail!("the benchmark needs root: network namespaces, ports 80/443 and eBPF");
+    }
+    if opts.server_cpu == opts.client_cpu {
+        bail!(
+            "--server-cpu and --client-cpu must differ (both are {})",
+            opts.server_cpu
+        );
+    }
+    for cpu in [opts.server_cpu, opts.client_cpu] {
+        if !Path::new(&format!("/sys/devices/system/cpu/cpu{cpu}")).exists() {
+            bail!(
+                "there is no CPU {cpu}: the benchmark needs two cores (see --server-cpu, --client-cpu)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure the load generators are there, installing them on Debian as root when allowed.
+fn ensure_tools(allow_install: bool) -> Result<()> {
+    let missing = deps::missing(TOOLS)?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !allow_install || !privilege::is_root() || !Path::new("/etc/debian_version").exists() {
+        bail!("missing load tools: apt-get install -y --no-install-recommends {list}");
+    }
+    println!("installing the load tools: {list}");
+    deps::apt_install(&missing)
+}
+
+/// A private temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn create() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn minutes(seconds: u64) -> String {
+    format!("{}:{:02} min", seconds / 60, seconds % 60)
+}
+
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!("cargo xtask {}", args.join(" "))
+}
+
+fn machine(loadavg: &str) -> serde_json::Value {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, m)| m.trim())
+        })
+        .unwrap_or("unknown");
+    json!({
+        "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpu_model": model,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "loadavg_before": loadavg.trim(),
+    })
+}
+
+fn tools(bench: &Bench) -> serde_json::Value {
+    let first_line = |program: &str, args: &[&str]| -> String {
+        Command::new(program)
+            .args(args)
+            .output()
+            .map(|out| {
+                let text = [out.stdout, out.stderr].concat();
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    let git = Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(workspace::root())
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default();
+    json!({
+        "proxy_git": git,
+        "wrk": first_line("wrk", &["-v"]),
+        "h2load": first_line("h2load", &["--version"]),
+        "openssl": first_line("openssl", &["version"]),
+        "nginx": bench.nginx.as_ref().map(|(bin, _)| first_line(&bin.to_string_lossy(), &["-v"])),
+    })
+}

@@ -1,0 +1,259 @@
+//! nginx as the reference contender: found or installed from the distribution (`nginx-light`,
+//! else `nginx`), and configured in a temporary directory for exactly the proxy's answer: the
+//! same certificate and key files, TLS 1.2 and 1.3, HTTP/2, `GET /` → 200 `Hello SRE!` as
+//! `text/plain; charset=utf-8` with the proxy's security headers, port 80 → 308 to https; one
+//! worker process pinned to the server core; no access log. Its own pid, log and temp paths.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use crate::{deps, privilege};
+
+const BIN: &str = "/usr/sbin/nginx";
+
+/// nginx's binary, installing it when allowed; `None` (with the reason printed) when it is
+/// absent and cannot be installed: the bench then runs without it.
+pub fn find_or_install(allow_install: bool) -> Option<PathBuf> {
+    let bin = PathBuf::from(BIN);
+    if bin.is_file() {
+        return Some(bin);
+    }
+    if !allow_install || !privilege::is_root() || !Path::new("/etc/debian_version").exists() {
+        println!(
+            "nginx is not installed: skipping it (install it with `apt-get install nginx-light`, \
+             or let the bench do it as root on Debian without --no-install)"
+        );
+        return None;
+    }
+    // Debian 12 has nginx-light; later releases only nginx.
+    for package in ["nginx-light", "nginx"] {
+        println!("installing {package} to compare against");
+        match deps::apt_install(&[package]) {
+            Ok(()) if bin.is_file() => {
+                stop_system_service();
+                return Some(bin);
+            }
+            Ok(()) => println!("{package} installed no {BIN}"),
+            Err(e) => println!("could not install {package}: {e:#}"),
+        }
+    }
+    println!("nginx could not be installed: skipping it");
+    None
+}
+
+/// Debian starts nginx.service on installation (port 80 on the host): the bench runs its own.
+fn stop_system_service() {
+    let active = Command::new("systemctl")
+        .args(["is-active", "--quiet", "nginx"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if active {
+        println!("stopping and disabling the nginx.service the package started");
+        let _ = crate::exec::exec(Command::new("systemctl").args(["disable", "--now", "nginx"]));
+    }
+}
+
+/// nginx's version from `nginx -v` ("nginx version: nginx/1.22.1", on standard error).
+pub fn version(bin: &Path) -> Option<(u32, u32, u32)> {
+    let out = Command::new(bin).arg("-v").output().ok()?;
+    parse_version(&String::from_utf8_lossy(&out.stderr))
+}
+
+fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let v = text.split("nginx/").nth(1)?.split_whitespace().next()?;
+    let mut parts = v.split('.').map(|p| p.parse().ok());
+    Some((parts.next()??, parts.next()??, parts.next()??))
+}
+
+/// What the configuration depends on.
+#[derive(Debug, Clone)]
+pub struct Settings<'a> {
+    /// The prefix directory: pid, error log and temp paths go here.
+    pub dir: &'a Path,
+    /// The proxy's state directory, holding `leaf.pem` and `leaf.key`.
+    pub state_dir: &'a Path,
+    /// The core the worker runs on.
+    pub cpu: usize,
+    pub version: (u32, u32, u32),
+    /// Log `$ssl_session_reused` per request to this file (the handshake check), else no log.
+    pub resumption_log: Option<&'a Path>,
+}
+
+/// The nginx.conf for `settings`.
+pub fn config(s: &Settings<'_>) -> String {
+    let dir = s.dir.display();
+    let state = s.state_dir.display();
+    // `http2 on` replaced `listen ... http2` in 1.25.1.
+    let (listen_h2, http2_on) = if s.version >= (1, 25, 1) {
+        ("", "\n        http2 on;")
+    } else {
+        (" http2", "")
+    };
+    let access_log = match s.resumption_log {
+        Some(path) => format!(
+            "log_format resumption '$ssl_session_reused $ssl_protocol $server_protocol';\n    \
+             access_log {} resumption;",
+            path.display()
+        ),
+        None => "access_log off;".to_owned(),
+    };
+    let mask = affinity_mask(s.cpu);
+    format!(
+        r#"# Written by `cargo xtask bench`: the proxy's static answer, certificate and protocols.
+worker_processes 1;
+worker_cpu_affinity {mask};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+    {access_log}
+    server_tokens off;
+    # nginx closes a keep-alive connection after 1000 requests by default; the proxy does not.
+    keepalive_requests 1000000;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 80;
+        listen [::]:80;
+        return 308 https://$host$request_uri;
+    }}
+    server {{
+        listen 443 ssl{listen_h2};
+        listen [::]:443 ssl{listen_h2};{http2_on}
+        ssl_certificate {state}/leaf.pem;
+        ssl_certificate_key {state}/leaf.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location = / {{
+            default_type "text/plain; charset=utf-8";
+            add_header Strict-Transport-Security "max-age=31536000" always;
+            add_header X-Content-Type-Options nosniff always;
+            add_header X-Frame-Options DENY always;
+            add_header Referrer-Policy no-referrer always;
+            add_header Content-Security-Policy "default-src 'none'; frame-ancestors 'none'" always;
+            return 200 "Hello SRE!";
+        }}
+        location / {{
+            return 404;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+/// `nginx -p DIR -c DIR/nginx.conf -e DIR/error.log -g 'daemon off;'` arguments.
+pub fn args(dir: &Path) -> Vec<String> {
+    let conf = dir.join("nginx.conf");
+    vec![
+        "-p".into(),
+        dir.display().to_string(),
+        "-c".into(),
+        conf.display().to_string(),
+        "-e".into(),
+        dir.join("error.log").display().to_string(),
+        "-g".into(),
+        "daemon off;".into(),
+    ]
+}
+
+/// `worker_cpu_affinity`'s bit mask for one core: `1` for 0, `100` for 2.
+fn affinity_mask(cpu: usize) -> String {
+    format!("1{}", "0".repeat(cpu))
+}
+
+/// Full and resumed handshakes of requests made with `protocol` (`HTTP/1.0`, `HTTP/1.1`) in a
+/// resumption log (`$ssl_session_reused $ssl_protocol $server_protocol`, `r` or `.` first).
+pub fn count_resumption(log: &str, protocol: &str) -> (u64, u64) {
+    log.lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.last() == Some(&protocol))
+        .fold((0, 0), |(full, resumed), fields| match fields.first() {
+            Some(&"r") => (full, resumed + 1),
+            Some(&".") => (full + 1, resumed),
+            _ => (full, resumed),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check<T: PartialEq + std::fmt::Debug>(actual: T, expected: T) {
+        assert_eq!(actual, expected);
+    }
+
+    #[test]
+    fn reads_versions() {
+        check(
+            parse_version("nginx version: nginx/1.22.1\n"),
+            Some((1, 22, 1)),
+        );
+        check(
+            parse_version("nginx version: nginx/1.26.3 (Debian)\n"),
+            Some((1, 26, 3)),
+        );
+        check(parse_version("command not found"), None);
+    }
+
+    #[test]
+    fn masks_one_core() {
+        check(affinity_mask(0), "1".to_owned());
+        check(affinity_mask(1), "10".to_owned());
+        check(affinity_mask(3), "1000".to_owned());
+    }
+
+    #[test]
+    fn counts_resumed_handshakes() {
+        let log =
+            ". TLSv1.3 HTTP/1.0\nr TLSv1.3 HTTP/1.1\n. TLSv1.3 HTTP/1.0\n\nr TLSv1.3 HTTP/1.1\n";
+        check(count_resumption(log, "HTTP/1.0"), (2, 0));
+        check(count_resumption(log, "HTTP/1.1"), (0, 2));
+        check(count_resumption("", "HTTP/1.0"), (0, 0));
+    }
+
+    #[test]
+    fn configures_the_same_answer() {
+        let settings = Settings {
+            dir: Path::new("/tmp/b"),
+            state_dir: Path::new("/tmp/b/state"),
+            cpu: 1,
+            version: (1, 22, 1),
+            resumption_log: None,
+        };
+        let conf = config(&settings);
+        for line in [
+            "worker_processes 1;",
+            "worker_cpu_affinity 10;",
+            "pid /tmp/b/nginx.pid;",
+            "access_log off;",
+            "listen 443 ssl http2;",
+            "ssl_certificate /tmp/b/state/leaf.pem;",
+            "ssl_certificate_key /tmp/b/state/leaf.key;",
+            "ssl_protocols TLSv1.2 TLSv1.3;",
+            "default_type \"text/plain; charset=utf-8\";",
+            "return 200 \"Hello SRE!\";",
+            "return 308 https://$host$request_uri;",
+        ] {
+            assert!(conf.contains(line), "{line} missing from\n{conf}");
+        }
+        assert!(!conf.contains("http2 on;"), "{conf}");
+        let newer = config(&Settings {
+            version: (1, 26, 0),
+            resumption_log: Some(Path::new("/tmp/b/r.log")),
+            ..settings
+        });
+        assert!(newer.contains("listen 443 ssl;\n"), "{newer}");
+        assert!(newer.contains("http2 on;"), "{newer}");
+        assert!(
+            newer.contains("access_log /tmp/b/r.log resumption;"),
+            "{newer}"
+        );
+    }
+}

@@ -1,0 +1,591 @@
+//! The figures of a benchmark and what is made of them: each run's measurements, medians with
+//! min–max per contender, the ratios proxy/nginx and eBPF attached/detached, the targets they
+//! are held against, the markdown table printed at the end and the JSON written beside it.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+/// What is measured, each against a fresh server in a fresh namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contender {
+    /// `proxy serve --ebpf required`, access log off.
+    Attached,
+    /// `proxy serve --ebpf off`, access log off.
+    Detached,
+    /// nginx with the same answer, certificate and protocols.
+    Nginx,
+    /// `proxy serve --ebpf required` with the default access log (HTTP/1.1 only).
+    AccessLog,
+}
+
+impl Contender {
+    pub const ALL: [Contender; 4] = [
+        Contender::Attached,
+        Contender::Detached,
+        Contender::Nginx,
+        Contender::AccessLog,
+    ];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Contender::Attached => "proxy_ebpf_attached",
+            Contender::Detached => "proxy_ebpf_detached",
+            Contender::Nginx => "nginx",
+            Contender::AccessLog => "proxy_access_log_on",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Contender::Attached => "proxy, eBPF attached",
+            Contender::Detached => "proxy, eBPF detached",
+            Contender::Nginx => "nginx",
+            Contender::AccessLog => "proxy, access log on",
+        }
+    }
+}
+
+/// One figure of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    H1Rps,
+    H1P50Ms,
+    H1P99Ms,
+    H1CpuUs,
+    H2Rps,
+    H2CpuUs,
+    HandshakesPerSec,
+    HandshakeCpuUs,
+    RedirectRps,
+    RedirectCpuUs,
+    RssMib,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 11] = [
+        Metric::H1Rps,
+        Metric::H1P50Ms,
+        Metric::H1P99Ms,
+        Metric::H1CpuUs,
+        Metric::H2Rps,
+        Metric::H2CpuUs,
+        Metric::HandshakesPerSec,
+        Metric::HandshakeCpuUs,
+        Metric::RedirectRps,
+        Metric::RedirectCpuUs,
+        Metric::RssMib,
+    ];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Metric::H1Rps => "h1_requests_per_second",
+            Metric::H1P50Ms => "h1_p50_ms",
+            Metric::H1P99Ms => "h1_p99_ms",
+            Metric::H1CpuUs => "h1_server_cpu_us_per_request",
+            Metric::H2Rps => "h2_requests_per_second",
+            Metric::H2CpuUs => "h2_server_cpu_us_per_request",
+            Metric::HandshakesPerSec => "full_handshakes_per_second",
+            Metric::HandshakeCpuUs => "server_cpu_us_per_full_handshake",
+            Metric::RedirectRps => "redirect_requests_per_second",
+            Metric::RedirectCpuUs => "redirect_server_cpu_us_per_request",
+            Metric::RssMib => "peak_rss_mib",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::H1Rps => "HTTP/1.1 keep-alive, req/s",
+            Metric::H1P50Ms => "HTTP/1.1 keep-alive, p50 ms",
+            Metric::H1P99Ms => "HTTP/1.1 keep-alive, p99 ms",
+            Metric::H1CpuUs => "HTTP/1.1 keep-alive, server CPU µs/req",
+            Metric::H2Rps => "HTTP/2 multiplexed, req/s",
+            Metric::H2CpuUs => "HTTP/2 multiplexed, server CPU µs/req",
+            Metric::HandshakesPerSec => "full TLS handshakes/s (client-bound)",
+            Metric::HandshakeCpuUs => "server CPU µs per full handshake",
+            Metric::RedirectRps => "plain HTTP → 308, req/s",
+            Metric::RedirectCpuUs => "plain HTTP → 308, server CPU µs/req",
+            Metric::RssMib => "peak RSS under load, MiB",
+        }
+    }
+
+    fn decimals(self) -> usize {
+        match self {
+            Metric::H1Rps | Metric::H2Rps | Metric::HandshakesPerSec | Metric::RedirectRps => 0,
+            Metric::H1P50Ms | Metric::H1P99Ms => 2,
+            Metric::H1CpuUs
+            | Metric::H2CpuUs
+            | Metric::HandshakeCpuUs
+            | Metric::RedirectCpuUs
+            | Metric::RssMib => 1,
+        }
+    }
+}
+
+/// The figures of one contender in one repetition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub contender: Contender,
+    pub rep: usize,
+    pub figures: Vec<(Metric, f64)>,
+    /// Load-generator errors per scenario (socket errors, non-2xx/3xx, failed requests).
+    pub errors: Vec<(&'static str, u64)>,
+    /// Anything else worth keeping (e.g. the nginx master's RSS), for the JSON only.
+    pub extra: Vec<(&'static str, f64)>,
+}
+
+/// Median, minimum and maximum of a metric over the repetitions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Summary {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+/// The summary of `values`; `None` when there are none.
+pub fn summarize(values: &[f64]) -> Option<Summary> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    Some(Summary {
+        median,
+        min: sorted[0],
+        max: sorted[n - 1],
+        n,
+    })
+}
+
+/// `a / b` of the medians, when both exist and `b` is not zero.
+pub fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
+    let (a, b) = (a?, b?);
+    (b.median != 0.0).then(|| a.median / b.median)
+}
+
+/// A goal the issue set: `metric` of `of` divided by that of `over`, against a bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub goal: &'static str,
+    pub metric: Metric,
+    pub of: Contender,
+    pub over: Contender,
+    pub bound: Bound,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Bound {
+    pub fn met(self, ratio: f64) -> bool {
+        match self {
+            Bound::AtLeast(b) => ratio >= b,
+            Bound::AtMost(b) => ratio <= b,
+        }
+    }
+}
+
+/// The goals, against nginx and between eBPF attached and detached (goals, not assertions).
+pub const TARGETS: [Target; 14] = {
+    use Bound::*;
+    use Contender::*;
+    use Metric::*;
+    const fn t(
+        goal: &'static str,
+        metric: Metric,
+        of: Contender,
+        over: Contender,
+        bound: Bound,
+    ) -> Target {
+        Target {
+            goal,
+            metric,
+            of,
+            over,
+            bound,
+        }
+    }
+    [
+        t(
+            "HTTP/1.1 keep-alive req/s ≥ 1.25× nginx",
+            H1Rps,
+            Attached,
+            Nginx,
+            AtLeast(1.25),
+        ),
+        t(
+            "HTTP/1.1 keep-alive p99 ≤ nginx",
+            H1P99Ms,
+            Attached,
+            Nginx,
+            AtMost(1.0),
+        ),
+        t(
+            "server CPU per full handshake ≤ 0.5× nginx",
+            HandshakeCpuUs,
+            Attached,
+            Nginx,
+            AtMost(0.5),
+        ),
+        t(
+            "peak RSS under load ≤ nginx",
+            RssMib,
+            Attached,
+            Nginx,
+            AtMost(1.0),
+        ),
+        t(
+            "HTTP/1.1 server CPU per request ≤ 0.8× nginx (capacity ≥ 1.25×)",
+            H1CpuUs,
+            Attached,
+            Nginx,
+            AtMost(0.8),
+        ),
+        t("HTTP/2 req/s ≥ nginx", H2Rps, Attached, Nginx, AtLeast(1.0)),
+        t(
+            "HTTP/2 server CPU per request ≤ nginx",
+            H2CpuUs,
+            Attached,
+            Nginx,
+            AtMost(1.0),
+        ),
+        t(
+            "eBPF: HTTP/1.1 req/s within 2%",
+            H1Rps,
+            Attached,
+            Detached,
+            AtLeast(0.98),
+        ),
+        t(
+            "eBPF: HTTP/2 req/s within 2%",
+            H2Rps,
+            Attached,
+            Detached,
+            AtLeast(0.98),
+        ),
+        t(
+            "eBPF: redirect req/s within 2%",
+            RedirectRps,
+            Attached,
+            Detached,
+            AtLeast(0.98),
+        ),
+        t(
+            "eBPF: HTTP/1.1 server CPU per request within 2%",
+            H1CpuUs,
+            Attached,
+            Detached,
+            AtMost(1.02),
+        ),
+        t(
+            "eBPF: HTTP/2 server CPU per request within 2%",
+            H2CpuUs,
+            Attached,
+            Detached,
+            AtMost(1.02),
+        ),
+        t(
+            "eBPF: CPU per full handshake within 2%",
+            HandshakeCpuUs,
+            Attached,
+            Detached,
+            AtMost(1.02),
+        ),
+        t(
+            "eBPF: HTTP/1.1 p99 within 5%",
+            H1P99Ms,
+            Attached,
+            Detached,
+            AtMost(1.05),
+        ),
+    ]
+};
+
+/// Every run of a benchmark.
+#[derive(Debug, Default)]
+pub struct Results {
+    pub runs: Vec<Run>,
+}
+
+impl Results {
+    pub fn summary(&self, contender: Contender, metric: Metric) -> Option<Summary> {
+        let values: Vec<f64> = self
+            .runs
+            .iter()
+            .filter(|run| run.contender == contender)
+            .flat_map(|run| run.figures.iter())
+            .filter(|(m, _)| *m == metric)
+            .map(|(_, v)| *v)
+            .collect();
+        summarize(&values)
+    }
+
+    fn contenders(&self) -> Vec<Contender> {
+        Contender::ALL
+            .into_iter()
+            .filter(|c| self.runs.iter().any(|run| run.contender == *c))
+            .collect()
+    }
+
+    /// The markdown table of medians (min–max), the ratios, and the targets.
+    pub fn markdown(&self) -> String {
+        let contenders = self.contenders();
+        let mut out = String::from("| |");
+        for c in &contenders {
+            let _ = write!(out, " {} |", c.label());
+        }
+        out += " proxy/nginx | attached/detached |\n|---|";
+        out += &"---:|".repeat(contenders.len() + 2);
+        out += "\n";
+        for metric in Metric::ALL {
+            let _ = write!(out, "| {} |", metric.label());
+            for &c in &contenders {
+                let cell = self
+                    .summary(c, metric)
+                    .map_or_else(|| "–".to_owned(), |s| cell(s, metric.decimals()));
+                let _ = write!(out, " {cell} |");
+            }
+            for (of, over) in [
+                (Contender::Attached, Contender::Nginx),
+                (Contender::Attached, Contender::Detached),
+            ] {
+                let r = ratio(self.summary(of, metric), self.summary(over, metric));
+                let _ = write!(out, " {} |", r.map_or_else(|| "–".to_owned(), times));
+            }
+            out += "\n";
+        }
+        out += "\n| target | measured | met |\n|---|---:|---|\n";
+        for target in TARGETS {
+            let r = ratio(
+                self.summary(target.of, target.metric),
+                self.summary(target.over, target.metric),
+            );
+            let (measured, met) = match r {
+                Some(r) => (times(r), if target.bound.met(r) { "yes" } else { "**no**" }),
+                None => ("–".to_owned(), "not measured"),
+            };
+            let _ = writeln!(out, "| {} | {measured} | {met} |", target.goal);
+        }
+        out
+    }
+
+    /// Summaries, ratios and targets as JSON (the raw runs are added by the caller).
+    pub fn json(&self) -> Value {
+        let mut summary = serde_json::Map::new();
+        for c in self.contenders() {
+            let mut metrics = serde_json::Map::new();
+            for metric in Metric::ALL {
+                if let Some(s) = self.summary(c, metric) {
+                    metrics.insert(
+                        metric.key().into(),
+                        json!({"median": s.median, "min": s.min, "max": s.max, "n": s.n}),
+                    );
+                }
+            }
+            summary.insert(c.key().into(), Value::Object(metrics));
+        }
+        let targets: Vec<Value> = TARGETS
+            .iter()
+            .map(|t| {
+                let r = ratio(self.summary(t.of, t.metric), self.summary(t.over, t.metric));
+                json!({
+                    "goal": t.goal,
+                    "metric": t.metric.key(),
+                    "of": t.of.key(),
+                    "over": t.over.key(),
+                    "ratio": r,
+                    "met": r.map(|r| t.bound.met(r)),
+                })
+            })
+            .collect();
+        let runs: Vec<Value> = self
+            .runs
+            .iter()
+            .map(|run| {
+                let figures: serde_json::Map<String, Value> = run
+                    .figures
+                    .iter()
+                    .map(|(m, v)| (m.key().to_owned(), json!(v)))
+                    .collect();
+                let errors: serde_json::Map<String, Value> = run
+                    .errors
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                    .collect();
+                let extra: serde_json::Map<String, Value> = run
+                    .extra
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                    .collect();
+                json!({
+                    "contender": run.contender.key(),
+                    "rep": run.rep,
+                    "figures": figures,
+                    "errors": errors,
+                    "extra": extra,
+                })
+            })
+            .collect();
+        json!({"summary": summary, "targets": targets, "runs": runs})
+    }
+}
+
+/// "median (min–max)", or the value alone for a single run.
+fn cell(s: Summary, decimals: usize) -> String {
+    if s.n == 1 || s.min == s.max {
+        format!("{:.decimals$}", s.median)
+    } else {
+        format!(
+            "{:.decimals$} ({:.decimals$}–{:.decimals$})",
+            s.median, s.min, s.max
+        )
+    }
+}
+
+fn times(r: f64) -> String {
+    format!("{r:.2}×")
+}
+
+/// A Unix time as UTC: `(20261128T045000Z, 2026-11-28T04:50:00Z)`.
+pub fn utc(unix_seconds: u64) -> (String, String) {
+    let days = (unix_seconds / 86_400) as i64;
+    let secs = unix_seconds % 86_400;
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    (
+        format!("{y:04}{mo:02}{d:02}T{h:02}{m:02}{s:02}Z"),
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check<T: PartialEq + std::fmt::Debug>(actual: T, expected: T) {
+        assert_eq!(actual, expected);
+    }
+
+    fn s(median: f64, min: f64, max: f64, n: usize) -> Option<Summary> {
+        Some(Summary {
+            median,
+            min,
+            max,
+            n,
+        })
+    }
+
+    #[test]
+    fn summarizes() {
+        check(summarize(&[]), None);
+        check(summarize(&[3.0]), s(3.0, 3.0, 3.0, 1));
+        check(summarize(&[5.0, 1.0, 3.0]), s(3.0, 1.0, 5.0, 3));
+        check(summarize(&[4.0, 1.0, 2.0, 10.0]), s(3.0, 1.0, 10.0, 4));
+        check(summarize(&[f64::NAN, 2.0]), s(2.0, 2.0, 2.0, 1));
+    }
+
+    #[test]
+    fn ratios_of_medians() {
+        check(
+            ratio(s(50.0, 0.0, 0.0, 1), s(40.0, 0.0, 0.0, 1)),
+            Some(1.25),
+        );
+        check(ratio(s(1.0, 0.0, 0.0, 1), s(0.0, 0.0, 0.0, 1)), None);
+        check(ratio(None, s(1.0, 0.0, 0.0, 1)), None);
+        check(Bound::AtLeast(1.25).met(1.25), true);
+        check(Bound::AtLeast(1.25).met(1.2), false);
+        check(Bound::AtMost(0.5).met(0.6), false);
+    }
+
+    #[test]
+    fn formats_cells() {
+        check(
+            cell(
+                Summary {
+                    median: 41_691.89,
+                    min: 40_000.2,
+                    max: 42_000.7,
+                    n: 3,
+                },
+                0,
+            ),
+            "41692 (40000–42001)".to_owned(),
+        );
+        check(
+            cell(
+                Summary {
+                    median: 0.668,
+                    min: 0.668,
+                    max: 0.668,
+                    n: 1,
+                },
+                2,
+            ),
+            "0.67".to_owned(),
+        );
+        check(times(0.6251), "0.63×".to_owned());
+    }
+
+    #[test]
+    fn converts_unix_time() {
+        check(
+            utc(0),
+            ("19700101T000000Z".into(), "1970-01-01T00:00:00Z".into()),
+        );
+        check(
+            utc(1_709_210_096),
+            ("20240229T123456Z".into(), "2024-02-29T12:34:56Z".into()),
+        );
+    }
+
+    #[test]
+    fn renders_the_table() {
+        let run = |contender, rep, rps: f64| Run {
+            contender,
+            rep,
+            figures: vec![(Metric::H1Rps, rps)],
+            errors: vec![],
+            extra: vec![],
+        };
+        let results = Results {
+            runs: vec![
+                run(Contender::Attached, 1, 100.0),
+                run(Contender::Nginx, 1, 80.0),
+                run(Contender::Attached, 2, 120.0),
+                run(Contender::Nginx, 2, 80.0),
+            ],
+        };
+        let table = results.markdown();
+        assert!(
+            table.contains("| HTTP/1.1 keep-alive, req/s | 110 (100–120) | 80 | 1.38× | – |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| HTTP/1.1 keep-alive req/s ≥ 1.25× nginx | 1.38× | yes |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| HTTP/2 req/s ≥ nginx | – | not measured |"),
+            "{table}"
+        );
+    }
+}
