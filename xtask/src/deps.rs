@@ -88,7 +88,9 @@ fn is_installed(status: &str) -> bool {
 
 fn apt_get() -> Command {
     let mut cmd = Command::new("apt-get");
-    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    // Wait for another apt (an unattended upgrade, a second task) instead of failing.
+    cmd.env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["-o", "DPkg::Lock::Timeout=300"]);
     cmd
 }
 
