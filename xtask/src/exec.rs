@@ -19,6 +19,21 @@ pub fn exec(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Installs the cargo subcommand `cargo <subcommand>` (crate `package` at `version`, with its
+/// lock file) unless it already runs.
+pub fn ensure_cargo_tool(subcommand: &str, package: &str, version: &str) -> Result<()> {
+    let installed = Command::new("cargo")
+        .args([subcommand, "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if installed {
+        return Ok(());
+    }
+    exec(Command::new("cargo").args(["install", package, "--locked", "--version", version]))
+}
+
 /// The command as a shell line: the environment it sets, the program and its arguments, each
 /// word quoted when the shell would otherwise split or expand it.
 pub fn display(cmd: &Command) -> String {

@@ -4,7 +4,7 @@
 //!
 //! cargo-fuzz wants nightly flags; `RUSTC_BOOTSTRAP=1` lets the stable toolchain take them.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::Result;
 
@@ -16,21 +16,7 @@ pub const TARGETS: &[&str] = &["host_redirect", "config", "certificate"];
 
 /// Runs each target for `seconds`.
 pub fn run(seconds: u32) -> Result<()> {
-    let installed = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !installed {
-        exec(Command::new("cargo").args([
-            "install",
-            "cargo-fuzz",
-            "--locked",
-            "--version",
-            CARGO_FUZZ_VERSION,
-        ]))?;
-    }
+    crate::exec::ensure_cargo_tool("fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION)?;
     let fuzz_dir = workspace::root().join("fuzz");
     for target in TARGETS {
         exec(

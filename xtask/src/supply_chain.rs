@@ -4,7 +4,7 @@
 //! checkout cargo-deny reads (`deny.toml` points `db-path` at `target/advisory-db`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -16,21 +16,7 @@ const DB_DIR: &str = "advisory-db-3157b0e258782691";
 
 /// Installs cargo-deny if needed, prepares the advisory snapshot, and runs every check.
 pub fn check() -> Result<()> {
-    let installed = Command::new("cargo")
-        .args(["deny", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !installed {
-        exec(Command::new("cargo").args([
-            "install",
-            "cargo-deny",
-            "--locked",
-            "--version",
-            CARGO_DENY_VERSION,
-        ]))?;
-    }
+    crate::exec::ensure_cargo_tool("deny", "cargo-deny", CARGO_DENY_VERSION)?;
     prepare_advisory_db()?;
     // Every platform's crates must be present for `cargo metadata` before going offline.
     exec(workspace::cargo().args(["fetch", "--locked"]))?;
