@@ -16,6 +16,7 @@
 //! the certificate rotation and renewal tests).
 
 pub mod client;
+pub mod kernel;
 pub mod load;
 pub mod metrics;
 pub mod monitoring;
