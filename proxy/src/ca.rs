@@ -57,6 +57,11 @@ pub enum CaError {
         "the CA expires before the leaf would ({0}); create a new CA with `proxy ca init --force`"
     )]
     Expiring(String),
+    /// The CA has expired: it can sign nothing any client accepts.
+    #[error(
+        "the CA expired on {0}; create a new CA with `proxy ca init --force` (clients must trust the new one)"
+    )]
+    Expired(String),
     /// A certificate did not parse.
     #[error(transparent)]
     Parse(#[from] CertParseError),
@@ -100,7 +105,8 @@ impl LocalCa {
     /// Creates a CA in `dir` permitted to sign for `permitted` (a DNS name also covers its
     /// subdomains). Refuses to replace an existing CA unless `force`.
     pub fn init(dir: &Path, permitted: &[ServedName], force: bool) -> Result<Self, CaError> {
-        if !force && Self::cert_path(dir).exists() {
+        // Either file counts: a key without its certificate is still someone's CA key.
+        if !force && (Self::cert_path(dir).exists() || Self::key_path(dir).exists()) {
             return Err(CaError::Exists(dir.to_owned()));
         }
         state_dir::ensure_private_dir(dir).map_err(io_err("create", dir))?;
@@ -138,6 +144,13 @@ impl LocalCa {
     pub fn load(dir: &Path) -> Result<Self, CaError> {
         let cert_path = Self::cert_path(dir);
         if !cert_path.exists() {
+            if Self::key_path(dir).exists() {
+                // Never generate over a surviving key: restoring ca.pem must stay possible.
+                return Err(CaError::Invalid {
+                    path: dir.to_owned(),
+                    reason: "ca.key exists but ca.pem is missing; restore ca.pem, or move ca.key away to create a new CA".into(),
+                });
+            }
             return Err(CaError::Missing(dir.to_owned()));
         }
         let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err("read", &cert_path))?;
@@ -191,10 +204,12 @@ impl LocalCa {
         }
         let now = SystemTime::now();
         let not_after = now + lifetime;
+        let ca_end = humantime::format_rfc3339_seconds(self.info.not_after).to_string();
+        if now >= self.info.not_after {
+            return Err(CaError::Expired(ca_end));
+        }
         if not_after > self.info.not_after {
-            return Err(CaError::Expiring(
-                humantime::format_rfc3339_seconds(self.info.not_after).to_string(),
-            ));
+            return Err(CaError::Expiring(ca_end));
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -382,6 +397,27 @@ mod tests {
                 "{outside}: {err}"
             );
         }
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_key_without_its_certificate_is_never_overwritten() {
+        let dir = temp_dir("orphan-key");
+        LocalCa::init(&dir, &names(&["localhost"]), false).expect("init");
+        let key_before = std::fs::read(dir.join("ca.key")).expect("key");
+        std::fs::remove_file(dir.join("ca.pem")).expect("remove ca.pem");
+        let err =
+            LocalCa::load_or_init(&dir, &names(&["localhost"])).expect_err("must not re-create");
+        assert!(err.to_string().contains("ca.pem is missing"), "{err}");
+        assert!(matches!(
+            LocalCa::init(&dir, &[], false),
+            Err(CaError::Exists(_))
+        ));
+        assert_eq!(
+            std::fs::read(dir.join("ca.key")).expect("key"),
+            key_before,
+            "the CA key was overwritten"
+        );
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
