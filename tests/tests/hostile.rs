@@ -192,3 +192,60 @@ async fn attack(tls: client::TlsOptions, attacking: Arc<AtomicBool>) -> AttackRe
     drop(held);
     report
 }
+
+#[test]
+fn http2_rapid_reset_is_cut_off_and_others_are_served() {
+    let Some(env) = TestEnv::new("rapid-reset") else {
+        return;
+    };
+    let proxy = env.serve(&[]);
+    let tls = proxy.tls();
+    const ATTEMPTS: usize = 20_000;
+    let h2 = tls.clone().alpn(Alpn::H2);
+    // Open a stream and cancel it at once, as fast as possible (CVE-2023-44487).
+    let (opened, outcome) = env.run(|| async move {
+        let conn = client::tls_connect(HTTPS, &h2)
+            .await
+            .unwrap_or_else(|e| panic!("h2 connect: {e}"));
+        let (mut sender, connection) = h2::client::handshake(conn.stream)
+            .await
+            .expect("h2 handshake");
+        let driver = tokio::spawn(connection);
+        let mut opened = 0;
+        let mut outcome = String::from("never cut off");
+        for _ in 0..ATTEMPTS {
+            let ready = match sender.clone().ready().await {
+                Ok(ready) => ready,
+                Err(e) => {
+                    outcome = e.to_string();
+                    break;
+                }
+            };
+            sender = ready;
+            let request = http::Request::get("https://localhost/")
+                .body(())
+                .expect("request");
+            match sender.send_request(request, true) {
+                Ok((_, mut stream)) => {
+                    stream.send_reset(h2::Reason::CANCEL);
+                    opened += 1;
+                }
+                Err(e) => {
+                    outcome = e.to_string();
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        driver.abort();
+        (opened, outcome)
+    });
+    eprintln!("rapid reset: {opened} streams opened and cancelled before: {outcome}");
+    assert!(
+        opened < ATTEMPTS,
+        "the proxy let {ATTEMPTS} streams be opened and reset on one connection"
+    );
+    // The proxy is alive and serves everybody else.
+    let latencies = well_behaved_latencies(&env, &tls, 5);
+    assert_eq!(latencies.len(), 5);
+}
