@@ -188,3 +188,44 @@ pub fn pem_serial(path: &Path) -> String {
         .unwrap_or_else(|e| panic!("{} holds no PEM certificate: {e:?}", path.display()));
     client::serial_of(&der)
 }
+
+/// A path as the `&str` a command-line argument wants (test paths are UTF-8).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A local CA made with `proxy ca init` in `<tmp>/ca` for `localhost`, and `count` leaves it
+/// issued with `proxy ca issue` (`leaf<i>.pem`, `leaf<i>.key`): bring-your-own material.
+pub fn ca_with_leaves(env: &TestEnv, count: usize) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
+    let ca_dir = env.path("ca");
+    proxy_cmd_ok(&[
+        "ca",
+        "init",
+        "--state-dir",
+        path_str(&ca_dir),
+        "--name",
+        "localhost",
+    ]);
+    let leaves = (0..count)
+        .map(|i| {
+            let (cert, key) = (
+                env.path(&format!("leaf{i}.pem")),
+                env.path(&format!("leaf{i}.key")),
+            );
+            proxy_cmd_ok(&[
+                "ca",
+                "issue",
+                "--state-dir",
+                path_str(&ca_dir),
+                "--name",
+                "localhost",
+                "--cert-out",
+                path_str(&cert),
+                "--key-out",
+                path_str(&key),
+            ]);
+            (cert, key)
+        })
+        .collect();
+    (ca_dir, leaves)
+}

@@ -6,11 +6,9 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use proxy_e2e::{TempDir, TestEnv, proxy_bin, proxy_cmd, proxy_cmd_ok, read, run_with_timeout};
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use proxy_e2e::{
+    TempDir, TestEnv, path_str, proxy_bin, proxy_cmd, proxy_cmd_ok, read, run_with_timeout,
+};
 
 /// Runs `proxy check ARGS` inside the test's namespace (so nothing it might bind collides).
 fn check(env: &TestEnv, args: &[&str]) -> Output {

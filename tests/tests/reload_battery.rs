@@ -2,12 +2,12 @@
 //! certificate and rewriting the configuration file, under continuous HTTP/1.1 and HTTP/2
 //! load with a new TLS connection per request, and not one request fails.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use proxy_e2e::load::{Load, LoadPlan};
-use proxy_e2e::{TestEnv, TlsOptions, poll_until, proxy_cmd_ok, read, write_atomic};
+use proxy_e2e::{TestEnv, TlsOptions, ca_with_leaves, path_str, poll_until, read, write_atomic};
 
 const RELOADS: usize = 100;
 
@@ -16,36 +16,7 @@ fn a_hundred_reloads_under_load_fail_no_request() {
     let Some(env) = TestEnv::new("reload-battery") else {
         return;
     };
-    let ca_dir = env.path("ca");
-    proxy_cmd_ok(&[
-        "ca",
-        "init",
-        "--state-dir",
-        path_str(&ca_dir),
-        "--name",
-        "localhost",
-    ]);
-    let leaves: Vec<(PathBuf, PathBuf)> = (0..2)
-        .map(|i| {
-            let (cert, key) = (
-                env.path(&format!("leaf{i}.pem")),
-                env.path(&format!("leaf{i}.key")),
-            );
-            proxy_cmd_ok(&[
-                "ca",
-                "issue",
-                "--state-dir",
-                path_str(&ca_dir),
-                "--name",
-                "localhost",
-                "--cert-out",
-                path_str(&cert),
-                "--key-out",
-                path_str(&key),
-            ]);
-            (cert, key)
-        })
-        .collect();
+    let (ca_dir, leaves) = ca_with_leaves(&env, 2);
     let (cert, key, config) = (
         env.path("tls.pem"),
         env.path("tls.key"),
@@ -138,8 +109,4 @@ fn write_config(config: &Path, cert: &Path, key: &Path, round: usize) {
         path_str(key)
     );
     write_atomic(config, text.as_bytes());
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }

@@ -1,13 +1,14 @@
 //! Certificates change under a running proxy without a single failed request: BYO files
 //! swapped and SIGHUPed, a broken file ignored, and short-lived local-CA leaves renewed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use proxy_e2e::load::{Load, LoadPlan};
 use proxy_e2e::{
-    Metrics, TestEnv, TlsOptions, pem_serial, poll_until, proxy_cmd_ok, read, write_atomic,
+    Metrics, TestEnv, TlsOptions, ca_with_leaves, path_str, pem_serial, poll_until, proxy_cmd_ok,
+    read, write_atomic,
 };
 
 fn tls_reloads(m: &Metrics, result: &str) -> f64 {
@@ -17,40 +18,15 @@ fn tls_reloads(m: &Metrics, result: &str) -> f64 {
     )
 }
 
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 #[test]
 fn byo_certificate_swapped_under_load_drops_nothing() {
     let Some(env) = TestEnv::new("rotation") else {
         return;
     };
-    let ca_dir = env.path("ca");
-    proxy_cmd_ok(&[
-        "ca",
-        "init",
-        "--state-dir",
-        path_str(&ca_dir),
-        "--name",
-        "localhost",
-    ]);
-    let leaves: Vec<(PathBuf, PathBuf, String)> = (0..2)
-        .map(|i| {
-            let cert = env.path(&format!("leaf{i}.pem"));
-            let key = env.path(&format!("leaf{i}.key"));
-            proxy_cmd_ok(&[
-                "ca",
-                "issue",
-                "--state-dir",
-                path_str(&ca_dir),
-                "--name",
-                "localhost",
-                "--cert-out",
-                path_str(&cert),
-                "--key-out",
-                path_str(&key),
-            ]);
+    let (ca_dir, issued) = ca_with_leaves(&env, 2);
+    let leaves: Vec<(PathBuf, PathBuf, String)> = issued
+        .into_iter()
+        .map(|(cert, key)| {
             let serial = pem_serial(&cert);
             (cert, key, serial)
         })
