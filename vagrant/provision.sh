@@ -141,6 +141,17 @@ else
     needs_restart proxy.service proxy-backend.service
 fi
 
+step "kernel settings from deploy/sysctl.d"
+put "$SRC/deploy/sysctl.d/60-proxy.conf" /etc/sysctl.d/60-proxy.conf 0644 || unchanged /etc/sysctl.d/60-proxy.conf
+if [ "$(cat /proc/sys/kernel/perf_event_paranoid)" = 2 ]; then
+    unchanged "kernel.perf_event_paranoid = 2"
+else
+    sysctl -q -p /etc/sysctl.d/60-proxy.conf
+    changed "kernel.perf_event_paranoid = 2"
+    # The observer attaches its tracepoint at start.
+    needs_restart proxy.service
+fi
+
 step "systemd units from deploy/systemd"
 install -d -m 0755 /usr/local/lib/proxy
 put "$SRC/deploy/systemd/proxy-tracefs" /usr/local/lib/proxy/proxy-tracefs 0755 || unchanged proxy-tracefs
@@ -265,7 +276,7 @@ install -d -m 0755 "$OUT"
 put /var/lib/proxy/ca.pem "$OUT/proxy-ca.pem" 0644 || unchanged "$OUT/proxy-ca.pem"
 FINGERPRINT=$("$BIN" ca export --state-dir /var/lib/proxy | sed -n 's/^SHA-256 Fingerprint: *//p')
 printf '%s\n' "$FINGERPRINT" | put_text "$OUT/proxy-ca.sha256" 0644 || unchanged "$OUT/proxy-ca.sha256"
-ATTACHED=$(curl -fsS http://127.0.0.1:9090/metrics | sed -n 's/^proxy_ebpf_attached{program="\(.*\)"} \(.*\)/\1=\2/p' | tr '\n' ' ')
+ATTACHED=$(curl -fsS http://127.0.0.1:9090/metrics | sed -n 's/^proxy_ebpf_attached{program="\(.*\)"} \(.*\)/\1=\2/p' | paste -sd ' ')
 
 cat <<MSG
 

@@ -13,6 +13,7 @@ mod pypi;
 mod run;
 mod supply_chain;
 mod test;
+mod vm_test;
 mod workspace;
 
 use std::process::ExitCode;
@@ -39,12 +40,16 @@ enum Task {
     Run(run::Options),
     /// Benchmark the release proxy (eBPF attached and detached) against nginx on two cores.
     Bench(bench::Options),
+    /// Boot vagrant/Vagrantfile in a VM (libvirt, in a private network namespace) and check
+    /// the appliance through its forwarded ports.
+    VmTest(vm_test::Options),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().task {
         Task::Test(opts) => test::test(opts),
         Task::Bench(opts) => bench::bench(opts),
+        Task::VmTest(opts) => vm_test::vm_test(opts),
         Task::Monitoring => match monitoring::monitoring() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

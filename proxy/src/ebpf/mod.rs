@@ -160,7 +160,11 @@ impl KernelObserver {
                         .ebpf_attached
                         .with_label_values(&["tcp_receive_reset"])
                         .set(1),
-                    Err(e) => tracing::warn!(error = %e, "resets received will not be counted"),
+                    Err(e) => tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(e)),
+                        hint = perf_event_hint(),
+                        "resets received will not be counted"
+                    ),
                 }
             }
             Err(reason) => tracing::warn!(%reason, "resets received will not be counted"),
@@ -322,4 +326,18 @@ fn start_logger(ebpf: &mut Ebpf) {
             logger.flush();
         }
     });
+}
+
+/// Why a tracepoint may be refused although the process has `CAP_PERFMON`: Debian's kernels
+/// add `kernel.perf_event_paranoid = 3`, which reserves `perf_event_open` to `CAP_SYS_ADMIN`.
+fn perf_event_hint() -> &'static str {
+    let paranoid = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()
+        .and_then(|v| v.trim().parse::<i32>().ok());
+    match paranoid {
+        Some(level) if level > 2 => {
+            "kernel.perf_event_paranoid is above 2 (Debian's default 3 lets only CAP_SYS_ADMIN open tracepoints): set it to 2, the upstream default, e.g. in /etc/sysctl.d/"
+        }
+        _ => "",
+    }
 }

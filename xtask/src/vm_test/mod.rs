@@ -1,0 +1,589 @@
+//! `cargo xtask vm-test`: the Vagrant VM for real. Boots the project's own `vagrant/Vagrantfile`
+//! with its provisioning under libvirt (software emulation where the CPU has no
+//! virtualisation), using the release proxy built on this host, then checks from the host side,
+//! through the forwarded ports, what a user of the VM would see:
+//!
+//! - `https://localhost:8443/` answers `Hello SRE!` with a certificate of the VM's CA (and
+//!   curl without that CA refuses it); the fingerprint matches what provisioning printed;
+//! - `http://localhost:8080/...` redirects to the same path on `https://localhost:8443/`;
+//! - the proxy in the VM reports `proxy_ebpf_attached 1` and its kernel connection counts rise by
+//!   exactly the number of requests made through the forwards;
+//! - Prometheus in the VM has the proxy target up and its kernel metrics; Alertmanager is ready;
+//! - a second `vagrant provision` succeeds and changes nothing.
+//!
+//! Everything runs in a private network namespace (see [`lab`]); the guest reaches only the
+//! Debian mirror. Needs root and about 4 GB of disk under the work directory.
+
+mod base_box;
+mod lab;
+
+use std::cell::RefCell;
+use std::fs;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::phase::{self, Phase};
+use crate::{deps, ebpf, exec::exec, privilege, workspace};
+use lab::Lab;
+
+/// Options of `cargo xtask vm-test`.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Where the base box, the VM's disk state and logs are kept between runs.
+    #[arg(long, default_value = "/var/tmp/proxy-vm-test")]
+    pub work_dir: PathBuf,
+    /// Leave the VM running afterwards (in the test's network namespace).
+    #[arg(long)]
+    pub keep: bool,
+    /// Only take down what an earlier `--keep` or interrupted run left, then exit.
+    #[arg(long)]
+    pub destroy: bool,
+}
+
+/// Host packages: emulator, libvirt with Vagrant's plugin, and the tools that build the box.
+const HOST_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-utils",
+    "libvirt-daemon-system",
+    "libvirt-daemon-driver-qemu",
+    "libvirt-clients",
+    "dnsmasq-base",
+    "vagrant",
+    "vagrant-libvirt",
+    "debootstrap",
+    "extlinux",
+    "syslinux-common",
+    "fdisk",
+    "socat",
+    "rsync",
+    "openssl",
+    "curl",
+];
+/// Requests made through each forward to check the kernel counts.
+const HTTPS_REQUESTS: u64 = 5;
+const HTTP_REQUESTS: u64 = 3;
+const VM_LIMIT: Duration = Duration::from_secs(40 * 60);
+const SSH_LIMIT: Duration = Duration::from_secs(180);
+
+pub fn vm_test(opts: Options) -> ExitCode {
+    if !privilege::is_root() {
+        eprintln!("error: the VM test needs root (libvirt, network namespaces, loop devices)");
+        return ExitCode::FAILURE;
+    }
+    let work = opts.work_dir.clone();
+    if opts.destroy {
+        let lab = Lab::start(&work, &mirror_host(&mirror()), false);
+        return match lab {
+            Ok(lab) => {
+                drop(lab);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                lab::destroy_leftovers(&work);
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let lab: RefCell<Option<Lab>> = RefCell::new(None);
+    let up_log = RefCell::new(String::new());
+    let phases = vec![
+        Phase::new("host packages", install_host_packages),
+        Phase::new("proxy binary", build_proxy_for_vm),
+        Phase::new("base box", || register_box(&work)),
+        Phase::new("libvirt", || {
+            *lab.borrow_mut() = Some(Lab::start(&work, &mirror_host(&mirror()), opts.keep)?);
+            Ok(())
+        }),
+        Phase::new("vagrant up", || {
+            let lab = lab.borrow();
+            let lab = lab.as_ref().context("no lab")?;
+            let log = capture(lab.vagrant(VM_LIMIT).args(["up", "--provider=libvirt"]))?;
+            *up_log.borrow_mut() = log;
+            Ok(())
+        }),
+        Phase::new("checks from the host", || {
+            let lab = lab.borrow();
+            let lab = lab.as_ref().context("no lab")?;
+            let checked = check_appliance(lab, &up_log.borrow(), &work);
+            if checked.is_err() {
+                // What the proxy said about it, for the CI log.
+                match ssh(lab, "sudo journalctl -u proxy.service --no-pager -n 40") {
+                    Ok(journal) => println!("journal of proxy.service in the VM:\n{journal}"),
+                    Err(e) => println!("(no journal from the VM: {e:#})"),
+                }
+            }
+            checked
+        }),
+        Phase::new("second provision", || {
+            let lab = lab.borrow();
+            let lab = lab.as_ref().context("no lab")?;
+            let log = capture(lab.vagrant(VM_LIMIT).arg("provision"))?;
+            let last = log
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            ensure!(
+                last.contains("provisioning changed nothing"),
+                "the second provisioning changed something: {last:?}"
+            );
+            println!("second provision: {}", strip_vagrant_prefix(last));
+            Ok(())
+        }),
+        Phase::new("destroy", || {
+            drop(lab.borrow_mut().take());
+            Ok(())
+        }),
+    ];
+    let passed = phase::run_all(phases);
+    // A failed phase leaves the lab up until here.
+    drop(lab.into_inner());
+    if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn install_host_packages() -> Result<()> {
+    let missing = deps::missing(HOST_PACKAGES)?;
+    if missing.is_empty() {
+        println!("host packages present");
+        return Ok(());
+    }
+    if missing.contains(&"qemu-system-x86") && installed_from_backports("qemu-utils") {
+        // The emulator must match the qemu-utils already installed from bookworm-backports.
+        enable_backports()?;
+        exec(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["-o", "DPkg::Lock::Timeout=300", "install", "-y"])
+                .args(["--no-install-recommends", "-t", "bookworm-backports"])
+                .arg("qemu-system-x86"),
+        )?;
+    }
+    deps::apt_install(&deps::missing(HOST_PACKAGES)?)
+}
+
+fn installed_from_backports(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", package])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("bpo"))
+}
+
+fn enable_backports() -> Result<()> {
+    let sources = Path::new("/etc/apt/sources.list.d/proxy-vm-test-backports.sources");
+    if !sources.exists() {
+        fs::write(
+            sources,
+            format!(
+                "# Written by `cargo xtask vm-test`: qemu matching the installed qemu-utils.\n\
+                 Types: deb\nURIs: {}\nSuites: bookworm-backports\nComponents: main\n\
+                 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+                mirror()
+            ),
+        )?;
+    }
+    exec(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=300", "update", "-q"]))
+}
+
+/// The release proxy with its kernel program, where provisioning looks for it
+/// (`PROXY_VM_PREBUILT=1`): the guest reaches no crates.io, and compiling under emulation
+/// would take an hour.
+fn build_proxy_for_vm() -> Result<()> {
+    ebpf::build()?;
+    exec(workspace::cargo().args(["build", "--release", "--locked", "-p", "proxy"]))?;
+    let dest = workspace::root().join("vagrant/bin/proxy");
+    fs::create_dir_all(dest.parent().context("vagrant/bin")?)?;
+    fs::copy(workspace::proxy_bin(true), &dest)
+        .with_context(|| format!("failed to copy the proxy to {}", dest.display()))?;
+    println!("proxy for the VM: {}", dest.display());
+    Ok(())
+}
+
+fn register_box(work: &Path) -> Result<()> {
+    fs::create_dir_all(work)?;
+    let box_file = base_box::ensure(work, &mirror())?;
+    let home = work.join("vagrant-home");
+    let registered = Command::new("vagrant")
+        .env("VAGRANT_HOME", &home)
+        .args(["box", "list"])
+        .output()
+        .is_ok_and(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with(&format!("{} ", base_box::NAME)))
+        });
+    let stamp = work.join("debian-12.box.registered");
+    let box_time = fs::metadata(&box_file)?.modified()?;
+    let fresh = fs::metadata(&stamp)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t >= box_time);
+    if registered && fresh {
+        println!("{} registered", base_box::NAME);
+        return Ok(());
+    }
+    exec(
+        Command::new("vagrant")
+            .env("VAGRANT_HOME", &home)
+            .args(["box", "add", "--force", "--name", base_box::NAME])
+            .arg(&box_file),
+    )?;
+    fs::write(stamp, "")?;
+    Ok(())
+}
+
+/// What a user of the VM would check, through the forwarded ports.
+fn check_appliance(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
+    // The CA as the README tells libvirt users to fetch it (rsync folders are one-way).
+    let ca_pem = ssh(lab, "sudo cat /var/lib/proxy/ca.pem")?;
+    let ca = work.join("proxy-ca.pem");
+    fs::write(&ca, &ca_pem)?;
+    let fingerprint = ca_fingerprint(&ca)?;
+    let printed = up_log
+        .lines()
+        .filter_map(|l| l.split("SHA-256 Fingerprint:").nth(1))
+        .map(normalise_fingerprint)
+        .next_back()
+        .context("provisioning printed no CA fingerprint")?;
+    ensure!(
+        printed == fingerprint,
+        "the CA served has fingerprint {fingerprint}, provisioning printed {printed}"
+    );
+    println!("ok: CA fingerprint {fingerprint} matches the one provisioning printed");
+
+    let https = curl(&["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"])?;
+    ensure!(
+        https.status == 200
+            && https.body == "Hello SRE!"
+            && https.content_type.starts_with("text/plain"),
+        "https://localhost:8443/ answered {https:?}"
+    );
+    println!(
+        "ok: https://localhost:8443/ -> 200 {} {:?}",
+        https.content_type, https.body
+    );
+    let untrusted = lab::in_netns("curl")
+        .args(["-sS", "-o", "/dev/null", "https://localhost:8443/"])
+        .stderr(Stdio::null())
+        .status()?;
+    ensure!(
+        !untrusted.success(),
+        "curl trusted the VM's certificate without its CA"
+    );
+    println!("ok: without the CA, curl refuses the certificate ({untrusted})");
+
+    let redirect = curl(&["http://localhost:8080/status?probe=1"])?;
+    ensure!(
+        redirect.status == 308 && redirect.location == "https://localhost:8443/status?probe=1",
+        "http://localhost:8080/status?probe=1 answered {redirect:?}"
+    );
+    println!(
+        "ok: http://localhost:8080/status?probe=1 -> 308 {}",
+        redirect.location
+    );
+
+    let before = guest_metrics(lab)?;
+    let attached: Vec<_> = before.matching("proxy_ebpf_attached");
+    ensure!(
+        !attached.is_empty() && attached.iter().all(|(_, v)| *v == 1.0),
+        "the kernel observer is not attached in the VM: {attached:?}"
+    );
+    println!(
+        "ok: {}",
+        attached
+            .iter()
+            .map(|(l, v)| format!("proxy_ebpf_attached{l} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for _ in 0..HTTPS_REQUESTS {
+        let resp = curl(&["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"])?;
+        ensure!(resp.status == 200, "https request answered {resp:?}");
+    }
+    for _ in 0..HTTP_REQUESTS {
+        let resp = curl(&["http://localhost:8080/"])?;
+        ensure!(resp.status == 308, "http request answered {resp:?}");
+    }
+    let expected = [("443", HTTPS_REQUESTS), ("80", HTTP_REQUESTS)];
+    let started = Instant::now();
+    let deltas = loop {
+        let after = guest_metrics(lab)?;
+        let deltas: Vec<(&str, f64)> = expected
+            .iter()
+            .map(|(port, _)| {
+                let key = "proxy_tcp_connections_total";
+                (*port, after.port(key, port) - before.port(key, port))
+            })
+            .collect();
+        let reached = deltas
+            .iter()
+            .zip(expected)
+            .all(|((_, got), (_, want))| *got >= want as f64);
+        if reached || started.elapsed() > Duration::from_secs(30) {
+            break deltas;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    for ((port, got), (_, want)) in deltas.iter().zip(expected) {
+        ensure!(
+            *got == want as f64,
+            "proxy_tcp_connections_total{{port=\"{port}\"}} rose by {got}, {want} requests were made"
+        );
+    }
+    println!(
+        "ok: kernel connection counts rose by exactly the requests made: :443 +{}, :80 +{}",
+        deltas[0].1, deltas[1].1
+    );
+
+    let started = Instant::now();
+    loop {
+        let up = prometheus_query("up{job=\"proxy\"}")?;
+        let kernel = prometheus_query("proxy_tcp_connections_total{port=\"443\"}")?;
+        if up == Some(1.0) && kernel.is_some_and(|v| v > 0.0) {
+            println!(
+                "ok: Prometheus (localhost:9091) has the proxy target up and its kernel metrics ({} connections on :443)",
+                kernel.unwrap_or_default()
+            );
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "Prometheus: up{{job=\"proxy\"}} = {up:?}, proxy_tcp_connections_total{{port=\"443\"}} = {kernel:?} after 120 s"
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let ready = curl(&["http://localhost:9093/-/ready"])?;
+    ensure!(
+        ready.status == 200,
+        "Alertmanager (localhost:9093) is not ready: {ready:?}"
+    );
+    println!("ok: Alertmanager (localhost:9093) ready");
+    Ok(())
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    content_type: String,
+    location: String,
+    body: String,
+}
+
+/// One request with curl in the test's namespace (the host side of the forwards).
+fn curl(args: &[&str]) -> Result<Answer> {
+    const MARK: &str = "\n--curl-write-out--\n";
+    let out = lab::in_netns("curl")
+        .args(["-sS", "--max-time", "30", "-w"])
+        .arg(format!(
+            "{MARK}%{{http_code}}\t%{{content_type}}\t%{{redirect_url}}"
+        ))
+        .args(args)
+        .output()
+        .context("failed to run curl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "curl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let (body, meta) = text.rsplit_once(MARK).context("curl wrote no status")?;
+    let mut fields = meta.split('\t');
+    Ok(Answer {
+        status: fields.next().unwrap_or("").trim().parse().unwrap_or(0),
+        content_type: fields.next().unwrap_or("").to_owned(),
+        location: fields.next().unwrap_or("").trim().to_owned(),
+        body: body.to_owned(),
+    })
+}
+
+/// The value of a one-series Prometheus query, through the forwarded port.
+fn prometheus_query(query: &str) -> Result<Option<f64>> {
+    let out = lab::in_netns("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "http://localhost:9091/api/v1/query",
+            "--data-urlencode",
+        ])
+        .arg(format!("query={query}"))
+        .output()
+        .context("failed to run curl")?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("Prometheus answered no JSON")?;
+    Ok(json["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok()))
+}
+
+/// The proxy's own metrics inside the VM (the admin port is not forwarded).
+fn guest_metrics(lab: &Lab) -> Result<Metrics> {
+    Ok(Metrics(ssh(
+        lab,
+        "curl -fsS http://127.0.0.1:9090/metrics",
+    )?))
+}
+
+struct Metrics(String);
+
+impl Metrics {
+    /// Every sample of `name`: its label set as written and its value.
+    fn matching(&self, name: &str) -> Vec<(String, f64)> {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let labels = series.strip_prefix(name)?;
+                (labels.is_empty() || labels.starts_with('{'))
+                    .then(|| Some((labels.to_owned(), value.parse().ok()?)))?
+            })
+            .collect()
+    }
+
+    /// The sample of `name` with `port="<port>"`, 0 when there is none yet.
+    fn port(&self, name: &str, port: &str) -> f64 {
+        let label = format!("port=\"{port}\"");
+        self.matching(name)
+            .into_iter()
+            .filter(|(labels, _)| labels.contains(&label))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// Runs `command` in the VM with `vagrant ssh`; returns its standard output.
+fn ssh(lab: &Lab, command: &str) -> Result<String> {
+    let out = lab
+        .vagrant(SSH_LIMIT)
+        .args(["ssh", "-c", command, "--", "-T"])
+        .output()
+        .context("failed to run vagrant ssh")?;
+    ensure!(
+        out.status.success(),
+        "vagrant ssh -c {command:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).replace('\r', ""))
+}
+
+fn ca_fingerprint(ca: &Path) -> Result<String> {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(ca)
+        .output()
+        .context("failed to run openssl")?;
+    ensure!(
+        out.status.success(),
+        "the CA from the VM is not a certificate"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(normalise_fingerprint(text.split('=').nth(1).unwrap_or("")))
+}
+
+fn normalise_fingerprint(text: &str) -> String {
+    text.chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_uppercase())
+        .collect()
+}
+
+/// Vagrant prefixes the provisioner's lines with the machine name.
+fn strip_vagrant_prefix(line: &str) -> &str {
+    line.split_once(": ").map_or(line, |(_, rest)| rest)
+}
+
+/// Prints the command's output as it comes and returns it; fails like [`exec`].
+fn capture(cmd: &mut Command) -> Result<String> {
+    let line = crate::exec::display(cmd);
+    println!("$ {line}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start `{line}`"))?;
+    let mut log = String::new();
+    for text in BufReader::new(child.stdout.take().context("stdout")?).lines() {
+        let text = text?;
+        println!("{text}");
+        log.push_str(&text);
+        log.push('\n');
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("`{line}` failed: {status}");
+    }
+    Ok(log)
+}
+
+/// The Debian mirror this host uses (the guest is let through to it, and only to it).
+fn mirror() -> String {
+    let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let one_line = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    deb822
+        .lines()
+        .find_map(|l| l.strip_prefix("URIs:"))
+        .and_then(|uris| uris.split_whitespace().next())
+        .or_else(|| {
+            one_line
+                .lines()
+                .find(|l| l.starts_with("deb "))
+                .and_then(|l| l.split_whitespace().find(|w| w.starts_with("http")))
+        })
+        .unwrap_or("http://deb.debian.org/debian")
+        .to_owned()
+}
+
+fn mirror_host(mirror: &str) -> String {
+    let rest = mirror.split_once("://").map_or(mirror, |(_, rest)| rest);
+    rest.split(['/', ':']).next().unwrap_or(rest).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_mirror_host() {
+        assert_eq!(
+            mirror_host("http://deb.debian.org/debian"),
+            "deb.debian.org"
+        );
+        assert_eq!(
+            mirror_host("http://mirror.example:8080/debian/"),
+            "mirror.example"
+        );
+    }
+
+    #[test]
+    fn fingerprints_compare_without_separators() {
+        assert_eq!(
+            normalise_fingerprint(" ab:CD:01\n"),
+            normalise_fingerprint("AB CD 01")
+        );
+    }
+
+    #[test]
+    fn reads_metrics_by_port() {
+        let m = Metrics(
+            "# HELP x\nproxy_tcp_connections_total{port=\"443\"} 7\n\
+             proxy_tcp_connections_total{port=\"80\"} 2\nproxy_tcp_connections_totally 9\n\
+             proxy_ebpf_attached{program=\"sock_ops\"} 1\n"
+                .into(),
+        );
+        assert_eq!(m.port("proxy_tcp_connections_total", "443"), 7.0);
+        assert_eq!(m.port("proxy_tcp_connections_total", "80"), 2.0);
+        assert_eq!(m.port("proxy_tcp_connections_total", "8443"), 0.0);
+        assert_eq!(m.matching("proxy_ebpf_attached").len(), 1);
+    }
+}
