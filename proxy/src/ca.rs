@@ -65,6 +65,12 @@ pub enum CaError {
     /// A certificate did not parse.
     #[error(transparent)]
     Parse(#[from] CertParseError),
+    /// The CA could not be written to its directory.
+    #[error(transparent)]
+    Write(#[from] state_dir::WriteError),
+    /// There was no CA, and a new one could not be created (a read-only or full directory).
+    #[error("cannot create the local CA in {dir} (it must be writable on first start): {source}")]
+    Create { dir: PathBuf, source: Box<CaError> },
 }
 
 /// A leaf freshly issued by the CA, in PEM.
@@ -109,7 +115,7 @@ impl LocalCa {
         if !force && (Self::cert_path(dir).exists() || Self::key_path(dir).exists()) {
             return Err(CaError::Exists(dir.to_owned()));
         }
-        state_dir::ensure_private_dir(dir).map_err(io_err("create", dir))?;
+        state_dir::ensure_private_dir(dir).map_err(io_err("prepare", dir))?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let now = SystemTime::now();
         let mut params = CertificateParams::default();
@@ -128,15 +134,17 @@ impl LocalCa {
         params.not_before = (now - Duration::from_secs(3600)).into();
         params.not_after = (now + CA_LIFETIME).into();
         let cert = params.self_signed(&key)?;
-        // Key first: a certificate without its key would be an unusable CA.
-        state_dir::write_atomic(
-            &Self::key_path(dir),
-            key.serialize_pem().as_bytes(),
-            KEY_MODE,
-        )
-        .map_err(io_err("write", &Self::key_path(dir)))?;
-        state_dir::write_atomic(&Self::cert_path(dir), cert.pem().as_bytes(), CERT_MODE)
-            .map_err(io_err("write", &Self::cert_path(dir)))?;
+        // Both are written out before either is renamed into place, so a full disk cannot
+        // leave a key without its certificate (which `load` rightly refuses to replace). Key
+        // first: a certificate without its key would be an unusable CA.
+        state_dir::write_all_atomic(&[
+            (
+                &Self::key_path(dir),
+                key.serialize_pem().as_bytes(),
+                KEY_MODE,
+            ),
+            (&Self::cert_path(dir), cert.pem().as_bytes(), CERT_MODE),
+        ])?;
         Self::load(dir)
     }
 
@@ -185,7 +193,10 @@ impl LocalCa {
         match Self::load(dir) {
             Err(CaError::Missing(_)) => {
                 tracing::info!(dir = %dir.display(), "creating local CA");
-                Self::init(dir, names, false)
+                Self::init(dir, names, false).map_err(|e| CaError::Create {
+                    dir: dir.to_owned(),
+                    source: Box::new(e),
+                })
             }
             other => other,
         }

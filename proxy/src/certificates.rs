@@ -82,6 +82,9 @@ pub struct ServingCert {
     pub ca: Option<CertInfo>,
     /// When this material should be replaced by a renewal; `None` when the operator owns it.
     pub renew_at: Option<SystemTime>,
+    /// False when a newly issued leaf could not be written to the state directory (read-only
+    /// or full) and lives only in memory.
+    pub persisted: bool,
 }
 
 /// Obtains the material `config` asks for. In local-CA mode this may create the CA and
@@ -184,14 +187,20 @@ fn obtain_from_local_ca(
         ..serving
     };
     // The leaf is only a cache: when the state directory is read-only or full, serve the
-    // new leaf from memory rather than stop serving.
-    let persisted = state_dir::write_atomic(&key_path, issued.key_pem.as_bytes(), KEY_MODE)
-        .and_then(|()| state_dir::write_atomic(&leaf_path, issued.cert_pem.as_bytes(), CERT_MODE));
-    if let Err(e) = persisted {
-        tracing::warn!(dir = %config.state_dir.display(), error = %e, "cannot store the new leaf; serving it from memory");
+    // new leaf from memory rather than stop serving. Key and certificate are replaced
+    // together or not at all.
+    let stored = state_dir::write_all_atomic(&[
+        (&key_path, issued.key_pem.as_bytes(), KEY_MODE),
+        (&leaf_path, issued.cert_pem.as_bytes(), CERT_MODE),
+    ]);
+    if let Err(e) = &stored {
+        tracing::warn!(error = %e, "cannot store the new leaf in the state directory; serving it from memory");
     }
     tracing::info!(serial = %serving.leaf.serial, not_after = %rfc3339(serving.leaf.not_after), "issued leaf certificate");
-    Ok(serving)
+    Ok(ServingCert {
+        persisted: stored.is_ok(),
+        ..serving
+    })
 }
 
 /// The leaf on disk, if it is readable, signed by this CA, covers exactly the configured
@@ -212,7 +221,7 @@ fn reusable_leaf(
             return None;
         }
     };
-    let signed_by_ca = webpki_verifies(&serving, ca);
+    let signed_by_ca = webpki_verifies(&serving, ca, provider);
     let names_match = serving.leaf.names == config.names;
     let renew_at = renew_at(&serving.leaf, config.leaf_lifetime);
     (signed_by_ca && names_match && SystemTime::now() < renew_at).then_some(ServingCert {
@@ -221,7 +230,7 @@ fn reusable_leaf(
     })
 }
 
-fn webpki_verifies(serving: &ServingCert, ca: &LocalCa) -> bool {
+fn webpki_verifies(serving: &ServingCert, ca: &LocalCa, provider: &CryptoProvider) -> bool {
     let mut roots = rustls::RootCertStore::empty();
     if roots.add(ca.cert_der().clone()).is_err() {
         return false;
@@ -229,8 +238,12 @@ fn webpki_verifies(serving: &ServingCert, ca: &LocalCa) -> bool {
     let Some(leaf) = serving.certified_key.cert.first() else {
         return false;
     };
-    let Ok(verifier) = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots)).build()
-    else {
+    // The same provider as everything else, not the process default (none is installed).
+    let Ok(verifier) = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(provider.clone()),
+    )
+    .build() else {
         return false;
     };
     let Some(name) = serving.leaf.names.first() else {
@@ -293,6 +306,7 @@ fn build(
         leaf,
         ca: ca.map(|ca| ca.info().clone()),
         renew_at: None,
+        persisted: true,
     })
 }
 

@@ -20,11 +20,8 @@ pub enum CommandError {
     #[error(transparent)]
     Ca(#[from] CaError),
     /// Writing an output file failed.
-    #[error("cannot write {path}: {source}")]
-    Write {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Write(#[from] state_dir::WriteError),
 }
 
 /// `proxy check`: validate configuration and certificates without serving.
@@ -88,18 +85,10 @@ pub fn ca(command: CaCommand) -> Result<(), CommandError> {
             let names = config::parse_names(&args.names)?;
             let ca = LocalCa::load(&args.state.state_dir)?;
             let leaf = ca.issue_leaf(&names, args.lifetime)?;
-            state_dir::write_atomic(&args.key_out, leaf.key_pem.as_bytes(), KEY_MODE).map_err(
-                |source| CommandError::Write {
-                    path: args.key_out.clone(),
-                    source,
-                },
-            )?;
-            state_dir::write_atomic(&args.cert_out, leaf.cert_pem.as_bytes(), CERT_MODE).map_err(
-                |source| CommandError::Write {
-                    path: args.cert_out.clone(),
-                    source,
-                },
-            )?;
+            state_dir::write_all_atomic(&[
+                (&args.key_out, leaf.key_pem.as_bytes(), KEY_MODE),
+                (&args.cert_out, leaf.cert_pem.as_bytes(), CERT_MODE),
+            ])?;
             println!(
                 "issued {} and {}",
                 args.cert_out.display(),

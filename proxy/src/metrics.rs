@@ -4,8 +4,8 @@
 //! Label values are bounded: listeners, status codes, fixed failure reasons and kinds.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Buckets for request and TLS handshake durations: 1 ms to ~16 s.
@@ -27,6 +27,7 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub certificate_expiry: prometheus::GaugeVec,
     pub reloads: IntCounterVec,
+    pub state_write_failures: IntCounter,
     pub ebpf_attached: IntGaugeVec,
 }
 
@@ -77,6 +78,12 @@ impl Metrics {
             &["cert"],
         )?;
         registry.register(Box::new(certificate_expiry.clone()))?;
+        let state_write_failures = IntCounter::new(
+            "proxy_state_write_failures_total",
+            "New leaves the state directory could not store (read-only or full); each is served \
+             from memory.",
+        )?;
+        registry.register(Box::new(state_write_failures.clone()))?;
 
         let build_info = gauge(
             "proxy_build_info",
@@ -128,6 +135,7 @@ impl Metrics {
                 "Reloads and renewals, by what was reloaded and the result.",
                 &["what", "result"],
             )?,
+            state_write_failures,
             ebpf_attached: gauge(
                 "proxy_ebpf_attached",
                 "1 if the eBPF program is attached, else 0.",
@@ -217,6 +225,7 @@ mod tests {
             "proxy_upstream_errors_total",
             "proxy_certificate_expiry_timestamp_seconds",
             "proxy_reloads_total",
+            "proxy_state_write_failures_total",
             "proxy_build_info",
             "proxy_ebpf_attached",
         ] {

@@ -3,7 +3,9 @@
 //!
 //! Atomic replacement matters twice: a crash or a full disk mid-write never leaves a
 //! half-written key in place of a good one, and a reader (another instance sharing the
-//! directory, or our own SIGHUP) sees either the old file or the new one.
+//! directory, or our own SIGHUP) sees either the old file or the new one. Files that belong
+//! together (a certificate and its key) are all written out before any is renamed into
+//! place, so a full disk leaves the old pair, never one new file beside one old or missing.
 
 use std::fs::{self, DirBuilder, OpenOptions, Permissions};
 use std::io::{self, Write};
@@ -38,29 +40,64 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// A file that could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {path}: {source}")]
+pub struct WriteError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
 /// Writes `contents` to `path` atomically with the given mode.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = temp_path(path);
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), WriteError> {
+    write_all_atomic(&[(path, contents, mode)])
+}
+
+/// Writes every `(path, contents, mode)` atomically, in order: each is first written whole to
+/// a temporary file beside it, and only when all are on disk are they renamed into place.
+/// A read-only or full file system fails the writing, before anything has been replaced.
+pub fn write_all_atomic(files: &[(&Path, &[u8], u32)]) -> Result<(), WriteError> {
+    let mut staged: Vec<PathBuf> = Vec::with_capacity(files.len());
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(parent) = path.parent() {
-            // Make the rename itself durable.
-            fs::File::open(parent)?.sync_all()?;
+        for &(path, contents, mode) in files {
+            let tmp = temp_path(path);
+            staged.push(tmp.clone());
+            write_synced(&tmp, contents, mode).map_err(|source| WriteError {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        for (&(path, _, _), tmp) in files.iter().zip(&staged) {
+            let renamed = fs::rename(tmp, path).and_then(|()| match path.parent() {
+                // Make the rename itself durable.
+                Some(parent) => fs::File::open(parent)?.sync_all(),
+                None => Ok(()),
+            });
+            renamed.map_err(|source| WriteError {
+                path: path.to_owned(),
+                source,
+            })?;
         }
         Ok(())
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        for tmp in &staged {
+            let _ = fs::remove_file(tmp);
+        }
     }
     result
+}
+
+fn write_synced(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
 }
 
 fn temp_path(path: &Path) -> PathBuf {
@@ -96,6 +133,35 @@ mod tests {
         assert_eq!(
             fs::read_dir(&dir).expect("list").count(),
             1,
+            "no temporary file left behind"
+        );
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_set_that_cannot_be_written_whole_replaces_nothing() {
+        let dir = std::env::temp_dir().join(format!("proxy-state-set-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        ensure_private_dir(&dir).expect("create dir");
+        let (key, cert) = (dir.join("leaf.key"), dir.join("leaf.pem"));
+        write_all_atomic(&[
+            (&key, b"old key", KEY_MODE),
+            (&cert, b"old cert", CERT_MODE),
+        ])
+        .expect("write the first set");
+        // The second file's directory does not exist: staging it fails after the first.
+        let unwritable = dir.join("missing").join("leaf.pem");
+        let err = write_all_atomic(&[
+            (&key, b"new key", KEY_MODE),
+            (&unwritable, b"new cert", CERT_MODE),
+        ])
+        .expect_err("the second file cannot be written");
+        assert_eq!(err.path, unwritable);
+        assert_eq!(fs::read(&key).expect("key"), b"old key");
+        assert_eq!(fs::read(&cert).expect("cert"), b"old cert");
+        assert_eq!(
+            fs::read_dir(&dir).expect("list").count(),
+            2,
             "no temporary file left behind"
         );
         fs::remove_dir_all(&dir).expect("cleanup");

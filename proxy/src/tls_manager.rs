@@ -36,7 +36,7 @@ impl TlsManager {
         certs: Arc<CertStore>,
         metrics: Metrics,
     ) -> Arc<Self> {
-        record_expiry(&metrics, &certs.current());
+        record_served(&metrics, &certs.current());
         Arc::new(TlsManager {
             args,
             config: Mutex::new(config),
@@ -116,7 +116,7 @@ impl TlsManager {
         match outcome {
             Ok(serving) => {
                 tracing::info!(what, serial = %serving.leaf.serial, not_after = %rfc3339(serving.leaf.not_after), "serving new certificate");
-                record_expiry(&self.metrics, &serving);
+                record_served(&self.metrics, &serving);
                 self.certs.replace(serving);
                 self.metrics.count_reload(what, true);
                 true
@@ -130,8 +130,12 @@ impl TlsManager {
     }
 }
 
-/// Sets `proxy_certificate_expiry_timestamp_seconds` for the leaf and, when known, its CA.
-pub fn record_expiry(metrics: &Metrics, serving: &ServingCert) {
+/// Sets `proxy_certificate_expiry_timestamp_seconds` for the leaf and, when known, its CA, and
+/// counts a new leaf the state directory could not store.
+pub fn record_served(metrics: &Metrics, serving: &ServingCert) {
+    if !serving.persisted {
+        metrics.state_write_failures.inc();
+    }
     metrics
         .certificate_expiry
         .with_label_values(&["leaf"])

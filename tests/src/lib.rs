@@ -20,6 +20,7 @@ pub mod kernel;
 pub mod load;
 pub mod metrics;
 pub mod monitoring;
+pub mod mounts;
 pub mod netns;
 pub mod process;
 pub mod tempdir;
@@ -130,6 +131,38 @@ pub fn can_use_netns(test: &str) -> bool {
     }
     eprintln!("\n*** SKIPPED {test}: needs root for network namespaces ***\n");
     false
+}
+
+/// Whether `program` is on `PATH`. When it is not, prints a loud SKIPPED line naming the
+/// Debian `package` that provides it, or panics under `PROXY_E2E_REQUIRE=1`.
+pub fn require_tool(test: &str, program: &str, package: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
+    if found {
+        return true;
+    }
+    if std::env::var("PROXY_E2E_REQUIRE").as_deref() == Ok("1") {
+        panic!(
+            "{test}: needs `{program}` (Debian package {package}; `cargo xtask test` installs it), \
+             and PROXY_E2E_REQUIRE=1 forbids skipping"
+        );
+    }
+    eprintln!("\n*** SKIPPED {test}: `{program}` is missing (apt-get install {package}) ***\n");
+    false
+}
+
+/// Whether this is the soak (`cargo xtask soak` sets `PROXY_SOAK=1`): long checks scale up.
+pub fn soak() -> bool {
+    std::env::var("PROXY_SOAK").as_deref() == Ok("1")
+}
+
+/// Prints what a check measured as one line that `cargo xtask soak` collects into its report:
+/// `SOAK-FIGURE <test>\t<check>\t<figure>` on stderr. The test is the current thread's name,
+/// which libtest sets to the test's name; its pass or fail is the check's.
+pub fn soak_figure(check: &str, figure: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("?");
+    eprintln!("SOAK-FIGURE {test}\t{check}\t{figure}");
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or gives up after `timeout`.

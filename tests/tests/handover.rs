@@ -8,7 +8,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use proxy_e2e::load::{Load, LoadPlan};
-use proxy_e2e::{TestEnv, poll_until};
+use proxy_e2e::{TestEnv, poll_until, soak_figure};
 
 #[test]
 fn sigusr2_hands_the_sockets_to_a_successor_without_a_failed_request() {
@@ -46,6 +46,14 @@ fn sigusr2_hands_the_sockets_to_a_successor_without_a_failed_request() {
     // Keep the load on the successor alone for a while.
     std::thread::sleep(Duration::from_secs(2));
     let report = load.finish();
+    soak_figure(
+        "SIGUSR2 handover under h1+h2 load",
+        &format!(
+            "{} failed of {} requests",
+            report.failed,
+            report.ok + report.failed
+        ),
+    );
     assert!(
         report.ok > 50,
         "too little load to prove anything: {report:?}"

@@ -22,6 +22,8 @@ pub const PACKAGES: &[&str] = &[
     "yamllint",   // every YAML file of monitoring/
     "vagrant",    // `vagrant validate` of vagrant/Vagrantfile (no VM is started)
     "shellcheck", // provisioning and helper scripts of vagrant/ and deploy/
+    "slowhttptest", // 1000 slowloris connections against the proxy (tests/tests/hostile.rs)
+    "testssl.sh", // `testssl`: the soak's TLS scan, HIGH/CRITICAL findings fail it
 ];
 
 /// Makes sure every package of [`PACKAGES`] is installed, installing what is missing when this

@@ -1,4 +1,4 @@
-//! The fuzz phase of `cargo xtask test`: a short run of every cargo-fuzz target in `fuzz/`
+//! The fuzz phase of `cargo xtask test` (and `soak`): a run of every cargo-fuzz target in `fuzz/`
 //! (the parsers of untrusted input: Host/redirect, configuration, certificates). A crash
 //! fails the phase and leaves its input under `fuzz/artifacts/`.
 //!
@@ -16,16 +16,25 @@ pub const TARGETS: &[&str] = &["host_redirect", "config", "certificate"];
 
 /// Runs each target for `seconds`.
 pub fn run(seconds: u32) -> Result<()> {
-    crate::exec::ensure_cargo_tool("fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION)?;
-    let fuzz_dir = workspace::root().join("fuzz");
+    ensure_cargo_fuzz()?;
     for target in TARGETS {
-        exec(
-            Command::new("cargo")
-                .current_dir(&fuzz_dir)
-                .env("RUSTC_BOOTSTRAP", "1")
-                .args(["fuzz", "run", "--release", target, "--"])
-                .arg(format!("-max_total_time={seconds}")),
-        )?;
+        exec(&mut command(target, seconds))?;
     }
     Ok(())
+}
+
+/// Installs cargo-fuzz unless it runs.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    crate::exec::ensure_cargo_tool("fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION)
+}
+
+/// The command that fuzzes `target` for `seconds`; libFuzzer ends its output with
+/// `Done N runs in S second(s)`.
+pub fn command(target: &str, seconds: u32) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace::root().join("fuzz"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args(["fuzz", "run", "--release", target, "--"])
+        .arg(format!("-max_total_time={seconds}"));
+    cmd
 }

@@ -11,6 +11,7 @@ mod phase;
 mod privilege;
 mod pypi;
 mod run;
+mod soak;
 mod supply_chain;
 mod test;
 mod vm_test;
@@ -40,6 +41,9 @@ enum Task {
     Run(run::Options),
     /// Benchmark the release proxy (eBPF attached and detached) against nginx on two cores.
     Bench(bench::Options),
+    /// Run the reliability and security battery at full length (under 20 minutes) and print
+    /// every check with its figure as a markdown table.
+    Soak(soak::Options),
     /// Boot vagrant/Vagrantfile in a VM (libvirt, in a private network namespace) and check
     /// the appliance through its forwarded ports.
     VmTest(vm_test::Options),
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
     match Cli::parse().task {
         Task::Test(opts) => test::test(opts),
         Task::Bench(opts) => bench::bench(opts),
+        Task::Soak(opts) => soak::soak(opts),
         Task::VmTest(opts) => vm_test::vm_test(opts),
         Task::Monitoring => match monitoring::monitoring() {
             Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,15 @@ pub struct Options {
     pub quick: bool,
 }
 
+/// The system packages, Python tools and BPF toolchain the tests need (installed when this is
+/// Debian and we are root).
+pub fn ensure_dependencies() -> anyhow::Result<()> {
+    deps::ensure()?;
+    pypi::ensure()?;
+    ebpf::ensure_tracefs()?;
+    ebpf::ensure_toolchain()
+}
+
 /// Runs the phases; fails at the first failing one, after printing the summary.
 pub fn test(Options { quick }: Options) -> ExitCode {
     let proxy_bin = workspace::proxy_bin(false);
@@ -28,12 +37,7 @@ pub fn test(Options { quick }: Options) -> ExitCode {
         if quick {
             Phase::skip("deps", "--quick")
         } else {
-            Phase::new("deps", || {
-                deps::ensure()?;
-                pypi::ensure()?;
-                ebpf::ensure_tracefs()?;
-                ebpf::ensure_toolchain()
-            })
+            Phase::new("deps", ensure_dependencies)
         },
         Phase::new("build-ebpf", || ebpf::build().map(drop)),
         Phase::new("fmt", || {
