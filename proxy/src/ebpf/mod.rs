@@ -106,13 +106,26 @@ pub fn start(mode: EbpfMode, metrics: &Metrics) -> Result<Option<Arc<KernelObser
         tracing::info!("kernel metrics disabled (--ebpf off)");
         return Ok(None);
     }
-    match KernelObserver::attach(metrics) {
+    let attached = KernelObserver::attach(metrics);
+    release_freed_memory();
+    match attached {
         Ok(observer) => Ok(Some(Arc::new(observer))),
         Err(e) if mode == EbpfMode::Required => Err(e),
         Err(e) => {
             tracing::warn!(reason = %e, "kernel metrics unavailable; serving without them (proxy_ebpf_attached 0)");
             Ok(None)
         }
+    }
+}
+
+/// Loading parses the kernel's BTF (several MiB) and frees it again; glibc keeps freed heap
+/// pages unless asked, and they would stay resident for the whole run.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: malloc_trim takes no pointers; it only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

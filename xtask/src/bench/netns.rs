@@ -101,6 +101,7 @@ fn delete(name: &str) {
 pub struct Server {
     child: Child,
     name: String,
+    log: std::path::PathBuf,
 }
 
 impl Server {
@@ -117,6 +118,7 @@ impl Server {
         Ok(Server {
             child,
             name: name.to_owned(),
+            log: log.to_owned(),
         })
     }
 
@@ -127,7 +129,11 @@ impl Server {
     /// Fails when the server has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited: {status}", self.name);
+            // The end of its log says why.
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{} exited: {status}\n{}", self.name, tail.join("\n"));
         }
         Ok(())
     }
