@@ -227,6 +227,23 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// Issues a leaf for `localhost` from the CA in `ca_dir` with `proxy ca issue`, written to
+/// `cert` and `key`.
+pub fn issue_localhost_leaf(ca_dir: &Path, cert: &Path, key: &Path) {
+    proxy_cmd_ok(&[
+        "ca",
+        "issue",
+        "--state-dir",
+        path_str(ca_dir),
+        "--name",
+        "localhost",
+        "--cert-out",
+        path_str(cert),
+        "--key-out",
+        path_str(key),
+    ]);
+}
+
 /// A local CA made with `proxy ca init` in `<tmp>/ca` for `localhost`, and `count` leaves it
 /// issued with `proxy ca issue` (`leaf<i>.pem`, `leaf<i>.key`): bring-your-own material.
 pub fn ca_with_leaves(env: &TestEnv, count: usize) -> (PathBuf, Vec<(PathBuf, PathBuf)>) {
@@ -245,18 +262,7 @@ pub fn ca_with_leaves(env: &TestEnv, count: usize) -> (PathBuf, Vec<(PathBuf, Pa
                 env.path(&format!("leaf{i}.pem")),
                 env.path(&format!("leaf{i}.key")),
             );
-            proxy_cmd_ok(&[
-                "ca",
-                "issue",
-                "--state-dir",
-                path_str(&ca_dir),
-                "--name",
-                "localhost",
-                "--cert-out",
-                path_str(&cert),
-                "--key-out",
-                path_str(&key),
-            ]);
+            issue_localhost_leaf(&ca_dir, &cert, &key);
             (cert, key)
         })
         .collect();

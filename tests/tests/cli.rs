@@ -101,18 +101,7 @@ fn check_accepts_good_config_and_names_what_is_wrong() {
     let issue = |name: &str| {
         let cert = env.path(&format!("{name}.pem"));
         let key = env.path(&format!("{name}.key"));
-        proxy_cmd_ok(&[
-            "ca",
-            "issue",
-            "--state-dir",
-            path_str(&state),
-            "--name",
-            "localhost",
-            "--cert-out",
-            path_str(&cert),
-            "--key-out",
-            path_str(&key),
-        ]);
+        proxy_e2e::issue_localhost_leaf(&state, &cert, &key);
         (cert, key)
     };
     let (cert_a, key_a) = issue("a");

@@ -269,18 +269,7 @@ fn sighup_in_local_ca_mode_picks_up_a_leaf_replaced_in_the_state_dir() {
     let state = proxy.state_dir.clone();
     let first = pem_serial(&state.join("leaf.pem"));
     let (cert, key) = (env.path("new.pem"), env.path("new.key"));
-    proxy_cmd_ok(&[
-        "ca",
-        "issue",
-        "--state-dir",
-        path_str(&state),
-        "--name",
-        "localhost",
-        "--cert-out",
-        path_str(&cert),
-        "--key-out",
-        path_str(&key),
-    ]);
+    proxy_e2e::issue_localhost_leaf(&state, &cert, &key);
     let second = pem_serial(&cert);
     assert_ne!(first, second);
     write_atomic(&state.join("leaf.key"), &read(&key));
