@@ -446,8 +446,11 @@ impl Metrics {
             .filter_map(|l| {
                 let (series, value) = l.rsplit_once(' ')?;
                 let labels = series.strip_prefix(name)?;
-                (labels.is_empty() || labels.starts_with('{'))
-                    .then(|| Some((labels.to_owned(), value.parse().ok()?)))?
+                // Not a longer name that starts with this one.
+                if !labels.is_empty() && !labels.starts_with('{') {
+                    return None;
+                }
+                Some((labels.to_owned(), value.parse().ok()?))
             })
             .collect()
     }
