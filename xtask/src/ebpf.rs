@@ -1,4 +1,4 @@
-//! `cargo xtask build-ebpf`: builds the kernel program (`proxy-ebpf/program`) for
+//! `cargo xtask build-ebpf`: builds the kernel program (`proxy-ebpf`) for
 //! `bpfel-unknown-none` with whichever BPF toolchain the machine has, says which, and says
 //! exactly what to install when there is none. Also installs that toolchain on Debian 12
 //! (as `cargo xtask test` does on a fresh machine).
@@ -51,7 +51,7 @@ pub fn build() -> Result<PathBuf> {
     let Some(toolchain) = detect() else {
         bail!("{}", missing_toolchain_help());
     };
-    let program_dir = workspace::root().join("proxy-ebpf").join("program");
+    let program_dir = workspace::root().join("proxy-ebpf");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&program_dir)
         .env("CARGO_TARGET_DIR", workspace::target_dir().join("bpf"))

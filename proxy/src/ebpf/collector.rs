@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use aya::maps::{MapData, PerCpuArray};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Bucket, Counter, Histogram, LabelPair, Metric, MetricFamily, MetricType};
-use proxy_ebpf::{
+use proxy_common::{
     BUCKETS, CTR_CLOSED, CTR_CONNECTIONS, CTR_DROPPED, CTR_RESETS_RECEIVED, CTR_RESETS_SENT,
     CTR_RETRANSMITS, CTR_SYN_UNSEEN, HIST_HANDSHAKE, HIST_LIFETIME, HIST_RTT,
     bucket_upper_bound_seconds, counter_index, histogram_index, histogram_sum_index,

@@ -22,7 +22,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, SockOps, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use prometheus::{HistogramOpts, HistogramVec};
-use proxy_ebpf::{
+use proxy_common::{
     BUCKETS, ConnectionRecord, ListenerKey, MAX_LISTENERS, bucket_upper_bound_seconds,
 };
 use tokio::net::{TcpListener, TcpStream};

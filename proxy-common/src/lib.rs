@@ -1,6 +1,6 @@
-//! The contract between the kernel program (`program/`, built for `bpfel-unknown-none`) and
-//! the proxy that loads it: map layouts, indices and `#[repr(C)]` records without implicit
-//! padding. `no_std` so the kernel side can use it; the `user` feature makes the records
+//! The contract between the kernel program (crate `proxy-ebpf`, built for
+//! `bpfel-unknown-none`) and the proxy that loads it: map layouts, indices and `#[repr(C)]`
+//! records without implicit padding. `no_std` so the kernel side can use it; the `user` feature makes the records
 //! `aya::Pod` for userspace.
 //!
 //! Only the proxy's own sockets are recorded: userspace registers each listening socket as

@@ -24,7 +24,7 @@ use aya_ebpf::macros::{map, sock_ops, tracepoint};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{SockOpsContext, TracePointContext};
 use aya_log_ebpf::warn;
-use proxy_ebpf::{
+use proxy_common::{
     BUCKETS, CONNECTION_ENTRIES, COUNTER_ENTRIES, CTR_CLOSED, CTR_CONNECTIONS, CTR_DROPPED,
     CTR_RESETS_RECEIVED, CTR_RESETS_SENT, CTR_RETRANSMITS, CTR_SYN_UNSEEN, ConnectionRecord,
     FLAG_RESET_RECEIVED, FlowKey, HIST_HANDSHAKE, HIST_LIFETIME, HIST_RTT, HISTOGRAM_ENTRIES,
