@@ -2,11 +2,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proxy::cli::ServeArgs;
-use proxy::config::Config;
 
 fuzz_target!(|text: &str| {
-    if let Err(e) = Config::resolve(&ServeArgs::default(), Some(text), "fuzz-host") {
+    if let Err(e) = proxy::check_file_text(text, "fuzz-host") {
         assert!(!e.to_string().is_empty());
     }
 });

@@ -4,12 +4,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proxy::names::ServedName;
-use proxy::redirect::{Decision, decide};
+use proxy::{Decision, ServedName, decide};
 
 fuzz_target!(|input: (&str, &str, u16)| {
     let (host, target, port) = input;
-    // The configuration refuses port 0 (see config.rs).
+    // The configuration refuses port 0.
     if port == 0 {
         return;
     }
@@ -33,7 +32,7 @@ fuzz_target!(|input: (&str, &str, u16)| {
                 .parse()
                 .unwrap_or_else(|e| panic!("{location:?} is not a URI: {e}"));
             let authority = uri.authority().expect("an authority").as_str();
-            let redirected = proxy::names::parse_host_header(authority).expect("a valid host");
+            let redirected = proxy::parse_host_header(authority).expect("a valid host");
             assert!(
                 served.iter().any(|n| n.covers(&redirected)),
                 "redirect to a host we do not serve: {location}"

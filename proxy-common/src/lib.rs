@@ -161,7 +161,10 @@ pub struct ConnectionRecord {
 pub const FLAG_RESET_RECEIVED: u32 = 1;
 
 #[cfg(feature = "user")]
-#[allow(unsafe_code)] // Pod is an unsafe marker trait; the records below meet its contract.
+#[allow(
+    unsafe_code,
+    reason = "Pod is an unsafe marker trait; the records below meet its contract"
+)]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers and arrays with explicit padding fields: every bit
     // pattern is valid and there are no implicit padding bytes.

@@ -3,12 +3,12 @@
 
 use std::io::Write;
 
-use crate::ca::{CaError, LocalCa};
-use crate::certificates::{self, CertError, rfc3339};
-use crate::cli::{CaCommand, ServeArgs};
-use crate::config::{self, Config, ConfigError};
-use crate::state_dir::{self, CERT_MODE, KEY_MODE};
+use crate::cli::CaCommand;
+use crate::config::{self, Config, ConfigError, Settings};
 use crate::tls;
+use crate::tls::ca::{CaError, LocalCa};
+use crate::tls::certificates::{self, CertError, rfc3339};
+use crate::tls::state_dir::{self, CERT_MODE, KEY_MODE};
 
 /// Why a one-shot command failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +25,8 @@ pub enum CommandError {
 }
 
 /// `proxy check`: validate configuration and certificates without serving.
-pub fn check(args: &ServeArgs) -> Result<(), CommandError> {
-    let config = Config::load(args)?;
+pub(crate) fn check(settings: &Settings) -> Result<(), CommandError> {
+    let config = Config::from_settings(settings, &config::default_host_name())?;
     let certificate = certificates::check(&config, &tls::provider())?;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "configuration ok");
@@ -43,7 +43,7 @@ pub fn check(args: &ServeArgs) -> Result<(), CommandError> {
 }
 
 /// `proxy ca ...`.
-pub fn ca(command: CaCommand) -> Result<(), CommandError> {
+pub(crate) fn ca(command: CaCommand) -> Result<(), CommandError> {
     match command {
         CaCommand::Init(args) => {
             let names = if args.names.is_empty() {

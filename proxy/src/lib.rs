@@ -1,53 +1,75 @@
 //! `proxy`: a TLS web server and reverse proxy that redirects plain HTTP to HTTPS, serves
-//! HTTPS with a certificate from its own local CA, and exports its metrics to Prometheus.
+//! HTTPS with a certificate from its own local CA, and exports its metrics, and what the
+//! kernel sees of its connections (eBPF), to Prometheus.
 //!
-//! `main.rs` parses the command line and calls [`run`]; everything else lives here, one
-//! responsibility per module (see ARCHITECTURE.md for the map).
+//! The folders are layers, and imports run one way, from the top down (the test
+//! `tests/architecture.rs` keeps it so):
+//!
+//! - `cli`, `commands`: the command line and the one-shot subcommands;
+//! - `lifecycle`: `proxy serve` from start-up to drain, listeners, handover, signals;
+//! - `http`: connections, deadlines, requests, redirect, upstream;
+//! - `tls`: the local CA, certificates, their renewal and the resolver;
+//! - `telemetry`: metrics and their labels, the admin listener, logging;
+//! - `ebpf`: the kernel observer;
+//! - `config`, `names`, `error_chain`: plain values every layer reads.
+//!
+//! `main.rs` parses the command line and calls [`run`]. Besides that, the library exposes
+//! only what the fuzz targets drive: the parsers of untrusted input.
 
-pub mod activity;
-pub mod admin;
-pub mod backend;
-pub mod ca;
-pub mod cert_info;
-pub mod certificates;
-pub mod cli;
-pub mod commands;
-pub mod config;
-pub mod ebpf;
-pub mod handover;
-pub mod listen_queue;
-pub mod listeners;
-pub mod logging;
-pub mod metrics;
-pub mod names;
-pub mod redirect;
-pub mod responses;
-pub mod serve;
-pub mod server;
-pub mod signals;
-pub mod state_dir;
-pub mod supervisor;
-pub mod tls;
-pub mod tls_manager;
-pub mod upstream;
+mod cli;
+mod commands;
+mod config;
+mod ebpf;
+mod error_chain;
+mod http;
+mod lifecycle;
+mod names;
+mod telemetry;
+mod tls;
+
+use std::sync::Arc;
+
+pub use cli::{Cli, CliError};
+pub use commands::CommandError;
+pub use config::{ConfigError, check_file_text};
+pub use ebpf::EbpfError;
+pub use http::redirect::{Decision, decide};
+pub use lifecycle::listeners::ListenError;
+pub use lifecycle::serve::ServeError;
+pub use names::{NameError, ServedName, parse_host_header};
+pub use telemetry::logging::LogFormat;
+pub use tls::ca::CaError;
+pub use tls::cert_info::CertParseError;
+pub use tls::certificates::{CertError, check_untrusted_certificate};
+pub use tls::state_dir::WriteError;
 
 /// Any error a subcommand ends with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Serve(#[from] serve::ServeError),
+    Config(#[from] ConfigError),
     #[error(transparent)]
-    Command(#[from] commands::CommandError),
+    Serve(#[from] ServeError),
     #[error(transparent)]
-    Listen(#[from] listeners::ListenError),
+    Command(#[from] CommandError),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+}
+
+/// Installs logging in the format `cli` asks for. Call once, before [`run`].
+pub fn init_logging(cli: &Cli) {
+    telemetry::logging::init(cli.log_format());
 }
 
 /// Runs the subcommand.
-pub async fn run(command: cli::Command) -> Result<(), Error> {
-    match command {
-        cli::Command::Serve(args) => serve::run(args).await?,
-        cli::Command::Check(args) => commands::check(&args)?,
-        cli::Command::Backend(args) => backend::run(args).await?,
+pub async fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        cli::Command::Serve(settings) => {
+            let config = config::Config::from_settings(&settings, &config::default_host_name())?;
+            lifecycle::serve::run(config, Arc::new(cli::reload_serve_config)).await?;
+        }
+        cli::Command::Check(settings) => commands::check(&settings)?,
+        cli::Command::Backend(args) => lifecycle::backend::run(args.listen).await?,
         cli::Command::Ca(command) => commands::ca(command)?,
     }
     Ok(())

@@ -2,12 +2,11 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use proxy::cli::Cli;
+use proxy::Cli;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    proxy::logging::init(cli.log_format);
+    let cli = Cli::parse_with_config(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    proxy::init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -18,7 +17,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(proxy::run(cli.command)) {
+    match runtime.block_on(proxy::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -70,7 +70,7 @@ impl ServedName {
     }
 
     /// The name as it appears in a URL authority: IPv6 literals in brackets.
-    pub fn to_authority_host(&self) -> String {
+    pub(crate) fn to_authority_host(&self) -> String {
         match self {
             Self::Ip(IpAddr::V6(v6)) => format!("[{v6}]"),
             other => other.to_string(),

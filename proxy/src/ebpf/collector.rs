@@ -1,6 +1,7 @@
 //! Kernel metrics for Prometheus, read from the program's per-CPU arrays at scrape time
-//! (nothing per event crosses into userspace) and converted from log2-microsecond buckets to
-//! seconds here, the one place that knows the BPF units.
+//! (nothing per event crosses into userspace) and converted from log2-microsecond buckets and
+//! nanosecond sums to seconds here, the one place that turns the BPF units into Prometheus
+//! units (the accept-wait histogram, observed at accept, is declared here too).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -8,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use aya::maps::{MapData, PerCpuArray};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Bucket, Counter, Histogram, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::{HistogramOpts, HistogramVec, Registry};
 use proxy_common::{
     BUCKETS, CTR_CLOSED, CTR_CONNECTIONS, CTR_DROPPED, CTR_RESETS_RECEIVED, CTR_RESETS_SENT,
     CTR_RETRANSMITS, CTR_SYN_UNSEEN, HIST_HANDSHAKE, HIST_LIFETIME, HIST_RTT,
@@ -16,9 +18,9 @@ use proxy_common::{
 
 /// A registered listener: its slot in the BPF arrays and its `port` label.
 #[derive(Debug, Clone)]
-pub struct Slot {
-    pub index: u32,
-    pub port: String,
+pub(crate) struct Slot {
+    pub(crate) index: u32,
+    pub(crate) port: String,
 }
 
 /// The kernel-side metric families.
@@ -86,7 +88,7 @@ const FAMILIES: &[Family] = &[
 ];
 
 /// Reads the program's arrays on every scrape.
-pub struct KernelCollector {
+pub(crate) struct KernelCollector {
     histograms: PerCpuArray<MapData, u64>,
     histogram_sums: PerCpuArray<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
@@ -95,7 +97,7 @@ pub struct KernelCollector {
 }
 
 impl KernelCollector {
-    pub fn new(
+    pub(crate) fn new(
         histograms: PerCpuArray<MapData, u64>,
         histogram_sums: PerCpuArray<MapData, u64>,
         counters: PerCpuArray<MapData, u64>,
@@ -239,4 +241,18 @@ fn counter_metric(labels: &[(&str, &str)], value: u64) -> Metric {
     c.set_value(value as f64);
     m.set_counter(c);
     m
+}
+/// `proxy_tcp_accept_wait_seconds`, registered in `registry`: observed in userspace at
+/// accept, with the same log2-microsecond bounds as the kernel's histograms.
+pub(super) fn accept_wait_histogram(registry: &Registry) -> prometheus::Result<HistogramVec> {
+    let histogram = HistogramVec::new(
+        HistogramOpts::new(
+            "proxy_tcp_accept_wait_seconds",
+            "Time connections waited in the accept queue: ESTABLISHED to the proxy's accept().",
+        )
+        .buckets((0..BUCKETS - 1).map(bucket_upper_bound_seconds).collect()),
+        &["port"],
+    )?;
+    registry.register(Box::new(histogram.clone()))?;
+    Ok(histogram)
 }

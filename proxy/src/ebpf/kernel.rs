@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 /// The mount point of the cgroup v2 hierarchy, from `/proc/self/mountinfo`.
-pub fn cgroup2_root() -> Option<PathBuf> {
+pub(crate) fn cgroup2_root() -> Option<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     cgroup2_root_in(&mountinfo)
 }
@@ -25,7 +25,7 @@ fn cgroup2_root_in(mountinfo: &str) -> Option<PathBuf> {
 }
 
 /// Offset of `sock_cookie` in the `tcp:tcp_receive_reset` record, from tracefs.
-pub fn receive_reset_cookie_offset() -> Result<u32, String> {
+pub(crate) fn receive_reset_cookie_offset() -> Result<u32, String> {
     let mut last_error = String::new();
     for tracefs in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
         let path = format!("{tracefs}/events/tcp/tcp_receive_reset/format");
@@ -60,12 +60,12 @@ fn field_offset(format: &str, name: &str) -> Option<u32> {
 }
 
 /// `SO_NETNS_COOKIE` of a socket: the same value `bpf_get_netns_cookie` gives the program.
-pub fn netns_cookie(socket: &impl AsRawFd) -> std::io::Result<u64> {
+pub(crate) fn netns_cookie(socket: &impl AsRawFd) -> std::io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a live u64, and the fd is
     // borrowed from an open socket for the duration of the call.
-    #[allow(unsafe_code)]
+    #[allow(unsafe_code, reason = "a libc call with no safe wrapper; see SAFETY")]
     let rc = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
@@ -83,7 +83,7 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> std::io::Result<u64> {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| {
             (t.tv_sec() as u64)

@@ -21,14 +21,13 @@ use std::time::Duration;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, SockOps, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use prometheus::{HistogramOpts, HistogramVec};
-use proxy_common::{
-    BUCKETS, ConnectionRecord, ListenerKey, MAX_LISTENERS, bucket_upper_bound_seconds,
-};
+use prometheus::{HistogramVec, IntGaugeVec, Opts, Registry};
+use proxy_common::{ConnectionRecord, ListenerKey, MAX_LISTENERS};
+use strum::IntoEnumIterator as _;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::EbpfMode;
-use crate::metrics::Metrics;
+use crate::error_chain::error_chain;
 use collector::{KernelCollector, Slot};
 
 /// The program object, embedded when the build had `PROXY_EBPF_OBJECT` set (as every
@@ -74,15 +73,15 @@ pub enum EbpfError {
 
 /// What the kernel saw of one connection before the proxy accepted it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KernelTimings {
+pub(crate) struct KernelTimings {
     /// SYN received to ESTABLISHED; `None` if the SYN was not seen.
-    pub handshake: Option<Duration>,
+    pub(crate) handshake: Option<Duration>,
     /// ESTABLISHED to the proxy's `accept()`.
-    pub accept_wait: Duration,
+    pub(crate) accept_wait: Duration,
 }
 
 /// The loaded, attached program and the maps userspace uses.
-pub struct KernelObserver {
+pub(crate) struct KernelObserver {
     /// Owns the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
     listeners: Mutex<BpfHashMap<MapData, ListenerKey, u32>>,
@@ -97,18 +96,61 @@ impl std::fmt::Debug for KernelObserver {
     }
 }
 
-/// Starts the kernel observer as `mode` asks. `Ok(None)` means serving without it.
-pub fn start(mode: EbpfMode, metrics: &Metrics) -> Result<Option<Arc<KernelObserver>>, EbpfError> {
-    for program in ["sock_ops", "tcp_receive_reset"] {
-        metrics.ebpf_attached.with_label_values(&[program]).set(0);
+/// The programs whose attachment `proxy_ebpf_attached` reports: label `program`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+enum Program {
+    /// Connection events on the proxy's listeners: everything but resets received.
+    SockOps,
+    /// The `tcp:tcp_receive_reset` tracepoint: resets received.
+    TcpReceiveReset,
+}
+
+impl Program {
+    fn as_str(self) -> &'static str {
+        self.into()
     }
+}
+
+/// `proxy_ebpf_attached{program}`: 1 when the program is attached, else 0.
+#[derive(Clone)]
+struct Attached(IntGaugeVec);
+
+impl Attached {
+    fn register(registry: &Registry) -> Result<Self, EbpfError> {
+        let gauge = IntGaugeVec::new(
+            Opts::new(
+                "proxy_ebpf_attached",
+                "1 if the eBPF program is attached, else 0.",
+            ),
+            &["program"],
+        )?;
+        registry.register(Box::new(gauge.clone()))?;
+        for program in Program::iter() {
+            gauge.with_label_values(&[program.as_str()]).set(0);
+        }
+        Ok(Attached(gauge))
+    }
+
+    fn attached(&self, program: Program) {
+        self.0.with_label_values(&[program.as_str()]).set(1);
+    }
+}
+
+/// Starts the kernel observer as `mode` asks, its metrics in `registry`. `Ok(None)` means
+/// serving without it.
+pub(crate) fn start(
+    mode: EbpfMode,
+    registry: &Registry,
+) -> Result<Option<Arc<KernelObserver>>, EbpfError> {
+    let attached = Attached::register(registry)?;
     if mode == EbpfMode::Off {
         tracing::info!("kernel metrics disabled (--ebpf off)");
         return Ok(None);
     }
-    let attached = KernelObserver::attach(metrics);
+    let observer = KernelObserver::attach(registry, &attached);
     release_freed_memory();
-    match attached {
+    match observer {
         Ok(observer) => Ok(Some(Arc::new(observer))),
         Err(e) if mode == EbpfMode::Required => Err(e),
         Err(e) => {
@@ -122,7 +164,7 @@ pub fn start(mode: EbpfMode, metrics: &Metrics) -> Result<Option<Arc<KernelObser
 /// pages unless asked, and they would stay resident for the whole run.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[allow(unsafe_code)]
+    #[allow(unsafe_code, reason = "a libc call with no safe wrapper; see SAFETY")]
     // SAFETY: malloc_trim takes no pointers; it only returns free heap pages to the kernel.
     unsafe {
         libc::malloc_trim(0);
@@ -130,7 +172,7 @@ fn release_freed_memory() {
 }
 
 impl KernelObserver {
-    fn attach(metrics: &Metrics) -> Result<Self, EbpfError> {
+    fn attach(registry: &Registry, attached: &Attached) -> Result<Self, EbpfError> {
         let object = OBJECT.ok_or(EbpfError::NoObject)?;
         let reset_offset = kernel::receive_reset_cookie_offset();
         let mut loader = EbpfLoader::new();
@@ -157,24 +199,18 @@ impl KernelObserver {
                 program: "sock_ops",
                 source,
             })?;
-        metrics
-            .ebpf_attached
-            .with_label_values(&["sock_ops"])
-            .set(1);
+        attached.attached(Program::SockOps);
 
         match reset_offset {
             Ok(_) => {
                 let tracepoint: &mut TracePoint = program(&mut ebpf, "proxy_receive_reset")?;
-                let attached = tracepoint
+                let outcome = tracepoint
                     .load()
                     .and_then(|()| tracepoint.attach("tcp", "tcp_receive_reset"));
-                match attached {
-                    Ok(_) => metrics
-                        .ebpf_attached
-                        .with_label_values(&["tcp_receive_reset"])
-                        .set(1),
+                match outcome {
+                    Ok(_) => attached.attached(Program::TcpReceiveReset),
                     Err(e) => tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::from(e)),
+                        error = error_chain(&e),
                         hint = perf_event_hint(),
                         "resets received will not be counted"
                     ),
@@ -190,16 +226,8 @@ impl KernelObserver {
             per_cpu_array(&mut ebpf, "COUNTERS")?,
             slots.clone(),
         )?;
-        metrics.registry.register(Box::new(collector))?;
-        let accept_wait = HistogramVec::new(
-            HistogramOpts::new(
-                "proxy_tcp_accept_wait_seconds",
-                "Time connections waited in the accept queue: ESTABLISHED to the proxy's accept().",
-            )
-            .buckets((0..BUCKETS - 1).map(bucket_upper_bound_seconds).collect()),
-            &["port"],
-        )?;
-        metrics.registry.register(Box::new(accept_wait.clone()))?;
+        registry.register(Box::new(collector))?;
+        let accept_wait = collector::accept_wait_histogram(registry)?;
 
         let listeners = take_map(&mut ebpf, "LISTENERS", BpfHashMap::try_from)?;
         let connections = take_map(&mut ebpf, "CONNECTIONS", BpfHashMap::try_from)?;
@@ -214,7 +242,7 @@ impl KernelObserver {
     }
 
     /// Tells the program that `listener` is ours, so that its connections are measured.
-    pub fn register_listener(&self, listener: &TcpListener) -> Result<(), EbpfError> {
+    pub(crate) fn register_listener(&self, listener: &TcpListener) -> Result<(), EbpfError> {
         let netns_cookie = kernel::netns_cookie(listener).map_err(|source| EbpfError::Io {
             what: "SO_NETNS_COOKIE".into(),
             source,
@@ -261,7 +289,7 @@ impl KernelObserver {
     }
 
     /// The kernel's timings for a connection just accepted; records its accept wait.
-    pub fn join(&self, stream: &TcpStream) -> Option<KernelTimings> {
+    pub(crate) fn join(&self, stream: &TcpStream) -> Option<KernelTimings> {
         let cookie = socket2::SockRef::from(stream).cookie().ok()?;
         let record = self.connections.get(&cookie, 0).ok()?;
         let accept_wait =

@@ -16,11 +16,11 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::responses::{Body, BoxError};
+use crate::http::responses::{Body, BoxError};
 
 /// What a connection is doing, shared by its service and its watchdog.
 #[derive(Debug)]
-pub struct Activity {
+pub(crate) struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
     requests: AtomicU64,
@@ -32,7 +32,7 @@ pub struct Activity {
 }
 
 impl Activity {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Activity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -44,7 +44,7 @@ impl Activity {
     }
 
     /// Marks a request in flight until the guard is dropped.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
         if self.requests.fetch_add(1, Ordering::AcqRel) == 0 {
             self.first.notify_waiters();
         }
@@ -54,12 +54,12 @@ impl Activity {
     }
 
     /// Whether the connection has sent at least one request.
-    pub fn any_request(&self) -> bool {
+    pub(crate) fn any_request(&self) -> bool {
         self.requests.load(Ordering::Acquire) > 0
     }
 
     /// Resolves once the connection has sent a request.
-    pub async fn first_request(&self) {
+    pub(crate) async fn first_request(&self) {
         loop {
             let notified = self.first.notified();
             tokio::pin!(notified);
@@ -74,7 +74,7 @@ impl Activity {
 
     /// Resolves when the connection has broken a deadline: no first request within
     /// `first_request`, or no request in flight for `idle`.
-    pub async fn expired(&self, first_request: Duration, idle: Duration) {
+    pub(crate) async fn expired(&self, first_request: Duration, idle: Duration) {
         loop {
             let deadline = if self.requests.load(Ordering::Acquire) == 0 {
                 Some(self.opened + first_request)
@@ -113,7 +113,7 @@ impl Activity {
 
 /// A request in flight; dropping it ends the request.
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -122,13 +122,13 @@ impl Drop for InFlight {
 }
 
 /// A response body that keeps its request in flight until it is fully sent or dropped.
-pub struct TrackedBody {
+pub(crate) struct TrackedBody {
     inner: Body,
     _in_flight: InFlight,
 }
 
 impl TrackedBody {
-    pub fn new(inner: Body, in_flight: InFlight) -> Self {
+    pub(crate) fn new(inner: Body, in_flight: InFlight) -> Self {
         TrackedBody {
             inner,
             _in_flight: in_flight,

@@ -6,18 +6,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
-use crate::responses::{Body, full, text};
+use crate::telemetry::metrics::Metrics;
 
 /// Serves the admin endpoints on `listener` until the process exits.
-pub async fn serve(listener: Arc<TcpListener>, metrics: Metrics, ready: Arc<AtomicBool>) {
+pub(crate) async fn serve(listener: Arc<TcpListener>, metrics: Metrics, ready: Arc<AtomicBool>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -43,13 +44,17 @@ pub async fn serve(listener: Arc<TcpListener>, metrics: Metrics, ready: Arc<Atom
     }
 }
 
-fn route(request: &Request<Incoming>, metrics: &Metrics, ready: &AtomicBool) -> Response<Body> {
+fn route(
+    request: &Request<Incoming>,
+    metrics: &Metrics,
+    ready: &AtomicBool,
+) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     match request.uri().path() {
         "/metrics" => {
-            let mut response = Response::new(full(metrics.render()));
+            let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -61,4 +66,15 @@ fn route(request: &Request<Incoming>, metrics: &Metrics, ready: &AtomicBool) -> 
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// A plain-text answer.
+fn text(status: StatusCode, message: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(message.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }

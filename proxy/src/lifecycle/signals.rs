@@ -4,7 +4,7 @@
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Resolves at the first SIGTERM or SIGINT.
-pub async fn terminate() {
+pub(crate) async fn terminate() {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -19,11 +19,11 @@ pub async fn terminate() {
 }
 
 /// A stream of SIGUSR2s (hand over to a successor); `None` without a handler.
-pub fn user2() -> Option<tokio::signal::unix::Signal> {
+pub(crate) fn user2() -> Option<tokio::signal::unix::Signal> {
     signal(SignalKind::user_defined2()).ok()
 }
 
 /// A stream of SIGHUPs; `None` if the handler cannot be installed.
-pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+pub(crate) fn hangups() -> Option<tokio::signal::unix::Signal> {
     signal(SignalKind::hangup()).ok()
 }

@@ -3,21 +3,21 @@
 //! tested end to end in upstream mode with nothing else installed.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use crate::cli::BackendArgs;
-use crate::listeners::{self, ListenError};
-use crate::responses::static_site;
-use crate::signals;
+use crate::http::responses::static_site;
+use crate::lifecycle::listeners::{self, ListenError};
+use crate::lifecycle::signals;
 
 /// Serves until SIGTERM or SIGINT.
-pub async fn run(args: BackendArgs) -> Result<(), ListenError> {
-    let listener = listeners::bind(args.listen, 1024)?;
-    tracing::info!(listen = %args.listen, "backend ready");
+pub(crate) async fn run(listen: SocketAddr) -> Result<(), ListenError> {
+    let listener = listeners::bind(listen, 1024)?;
+    tracing::info!(%listen, "backend ready");
     let stop = signals::terminate();
     tokio::pin!(stop);
     loop {

@@ -14,11 +14,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
-use crate::metrics::Metrics;
-use crate::responses::{Body, text};
-
-/// The `kind` label values of `proxy_upstream_errors_total`.
-pub const ERROR_KINDS: [&str; 3] = ["connect", "timeout", "protocol"];
+use crate::error_chain::error_chain;
+use crate::http::responses::{Body, text};
+use crate::telemetry::metrics::{LabelValue as _, Metrics, UpstreamFailure};
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -34,7 +32,7 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// A pooled client for the configured upstream.
 #[derive(Debug, Clone)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: Client<HttpConnector, Incoming>,
     authority: http::uri::Authority,
     timeout: Duration,
@@ -42,7 +40,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, metrics: Metrics) -> Self {
+    pub(crate) fn new(config: &UpstreamConfig, metrics: Metrics) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -66,7 +64,7 @@ impl Upstream {
 
     /// Forwards `request` from client `peer` and returns the upstream's response, or a
     /// 502/504 explaining why there is none.
-    pub async fn forward(
+    pub(crate) async fn forward(
         &self,
         mut request: Request<Incoming>,
         peer: SocketAddr,
@@ -107,9 +105,7 @@ impl Upstream {
 
         let started = Instant::now();
         let outcome = tokio::time::timeout(self.timeout, self.client.request(request)).await;
-        self.metrics
-            .upstream_request_duration
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.upstream_request_finished(started.elapsed());
         match outcome {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
@@ -118,14 +114,12 @@ impl Upstream {
             }
             Ok(Err(e)) => {
                 let kind = if e.is_connect() {
-                    "connect"
+                    UpstreamFailure::Connect
                 } else {
-                    "protocol"
+                    UpstreamFailure::Protocol
                 };
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&[kind])
-                    .inc();
+                self.metrics.upstream_failed(kind);
+                let kind = kind.as_str();
                 tracing::warn!(error = %error_chain(&e), kind, "upstream request failed");
                 text(
                     StatusCode::BAD_GATEWAY,
@@ -133,10 +127,7 @@ impl Upstream {
                 )
             }
             Err(_) => {
-                self.metrics
-                    .upstream_errors
-                    .with_label_values(&["timeout"])
-                    .inc();
+                self.metrics.upstream_failed(UpstreamFailure::Timeout);
                 tracing::warn!(timeout = ?self.timeout, "upstream timed out");
                 text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
             }
@@ -191,17 +182,6 @@ fn add_forwarding(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&str>)
         headers.insert("x-forwarded-for", value);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -8,28 +8,28 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 
 /// Errors a response body may end with.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The response body of every handler.
-pub type Body = BoxBody<Bytes, BoxError>;
+pub(crate) type Body = BoxBody<Bytes, BoxError>;
 
 /// The static answer of `GET /`.
-pub const HELLO: &str = "Hello SRE!";
+pub(crate) const HELLO: &str = "Hello SRE!";
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
 /// A body holding `bytes`.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
 }
 
 /// An empty body.
-pub fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
 /// A `text/plain` response; the message ends with a newline unless it is the hello body.
-pub fn text(status: StatusCode, message: impl Into<Bytes>) -> Response<Body> {
+pub(crate) fn text(status: StatusCode, message: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(full(message));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
@@ -37,7 +37,7 @@ pub fn text(status: StatusCode, message: impl Into<Bytes>) -> Response<Body> {
 }
 
 /// The static site: `GET`/`HEAD /` say hello; other paths 404; other methods 405.
-pub fn static_site(method: &Method, path: &str) -> Response<Body> {
+pub(crate) fn static_site(method: &Method, path: &str) -> Response<Body> {
     if path != "/" {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }

@@ -25,11 +25,11 @@ pub enum ListenError {
 
 /// Listening sockets inherited through `LISTEN_FDS`, not yet claimed by a listener.
 #[derive(Debug, Default)]
-pub struct Inherited(Vec<std::net::TcpListener>);
+pub(crate) struct Inherited(Vec<std::net::TcpListener>);
 
 impl Inherited {
     /// Takes the TCP listeners passed to this process (`LISTEN_PID` must be ours).
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         let mut fds = listenfd::ListenFd::from_env();
         Inherited(
             (0..fds.len())
@@ -52,7 +52,7 @@ impl Inherited {
     }
 
     /// Addresses of inherited sockets that no listener claimed.
-    pub fn unclaimed(&self) -> Vec<String> {
+    pub(crate) fn unclaimed(&self) -> Vec<String> {
         self.0
             .iter()
             .map(|l| {
@@ -65,7 +65,7 @@ impl Inherited {
 
 /// The listener for `addr`: the inherited socket if there is one, else a new one.
 /// `backlog` is the accept-queue length of a new socket (an inherited one keeps its own).
-pub fn listen(
+pub(crate) fn listen(
     addr: SocketAddr,
     backlog: u32,
     inherited: &mut Inherited,
@@ -82,7 +82,7 @@ pub fn listen(
 
 /// Binds `addr`. An unspecified IPv6 address listens dual-stack, falling back to IPv4 only
 /// on hosts without IPv6.
-pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
+pub(crate) fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ListenError> {
     match bind_exact(addr, backlog) {
         Err(e)
             if addr.ip().is_unspecified()

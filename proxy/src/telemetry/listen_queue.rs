@@ -23,12 +23,12 @@ const FAMILIES: [(&str, &str, &str); 2] = [
 ];
 
 /// Reads the namespace's listen counters on every scrape.
-pub struct ListenQueueCollector {
+pub(crate) struct ListenQueueCollector {
     descs: Vec<Desc>,
 }
 
 impl ListenQueueCollector {
-    pub fn new() -> prometheus::Result<Self> {
+    pub(crate) fn new() -> prometheus::Result<Self> {
         let descs = FAMILIES
             .iter()
             .map(|(_, name, help)| {

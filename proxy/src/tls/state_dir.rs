@@ -13,14 +13,14 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Mode of private keys.
-pub const KEY_MODE: u32 = 0o600;
+pub(crate) const KEY_MODE: u32 = 0o600;
 /// Mode of certificates (public).
-pub const CERT_MODE: u32 = 0o644;
+pub(crate) const CERT_MODE: u32 = 0o644;
 /// Mode of the state directory.
-pub const DIR_MODE: u32 = 0o700;
+pub(crate) const DIR_MODE: u32 = 0o700;
 
 /// Creates `dir` (and parents) with mode 0700, or tightens an existing one to 0700.
-pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     match fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => {
             if meta.permissions().mode() & 0o077 != 0 {
@@ -44,20 +44,15 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot write {path}: {source}")]
 pub struct WriteError {
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     #[source]
-    pub source: io::Error,
-}
-
-/// Writes `contents` to `path` atomically with the given mode.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), WriteError> {
-    write_all_atomic(&[(path, contents, mode)])
+    pub(crate) source: io::Error,
 }
 
 /// Writes every `(path, contents, mode)` atomically, in order: each is first written whole to
 /// a temporary file beside it, and only when all are on disk are they renamed into place.
 /// A read-only or full file system fails the writing, before anything has been replaced.
-pub fn write_all_atomic(files: &[(&Path, &[u8], u32)]) -> Result<(), WriteError> {
+pub(crate) fn write_all_atomic(files: &[(&Path, &[u8], u32)]) -> Result<(), WriteError> {
     let mut staged: Vec<PathBuf> = Vec::with_capacity(files.len());
     let result = (|| {
         for &(path, contents, mode) in files {
@@ -123,8 +118,8 @@ mod tests {
             DIR_MODE
         );
         let key = dir.join("k.key");
-        write_atomic(&key, b"one", KEY_MODE).expect("write");
-        write_atomic(&key, b"two", KEY_MODE).expect("rewrite");
+        write_all_atomic(&[(&key, b"one", KEY_MODE)]).expect("write");
+        write_all_atomic(&[(&key, b"two", KEY_MODE)]).expect("rewrite");
         assert_eq!(fs::read(&key).expect("read"), b"two");
         assert_eq!(
             fs::metadata(&key).expect("meta").permissions().mode() & 0o777,

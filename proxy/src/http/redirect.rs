@@ -6,8 +6,8 @@
 use http::header::{HOST, HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 
+use crate::http::responses::{Body, text};
 use crate::names::{ServedName, parse_host_header};
-use crate::responses::{Body, text};
 
 /// What the redirect listener decided for a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -85,7 +85,7 @@ fn percent_encode_non_ascii(target: &str) -> String {
 }
 
 /// The HTTP response for a decision.
-pub fn respond(decision: Decision) -> Response<Body> {
+pub(crate) fn respond(decision: Decision) -> Response<Body> {
     match decision {
         Decision::Redirect(location) => match HeaderValue::from_str(&location) {
             Ok(value) => {

@@ -11,30 +11,30 @@ use crate::names::ServedName;
 
 /// Facts read from one certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertInfo {
+pub(crate) struct CertInfo {
     /// Serial number as lowercase hex, colon-free.
-    pub serial: String,
-    pub not_before: SystemTime,
-    pub not_after: SystemTime,
+    pub(crate) serial: String,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
     /// DNS and IP subject alternative names.
-    pub names: Vec<ServedName>,
-    pub is_ca: bool,
+    pub(crate) names: Vec<ServedName>,
+    pub(crate) is_ca: bool,
     /// Name constraints, if the certificate carries them.
-    pub constraints: Option<NameConstraints>,
+    pub(crate) constraints: Option<NameConstraints>,
     /// The DER of the subject public key info, to match a private key against.
-    pub public_key_raw: Vec<u8>,
+    pub(crate) public_key_raw: Vec<u8>,
 }
 
 /// The permitted and excluded subtrees of a CA's name constraints (DNS and IP only).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct NameConstraints {
-    pub permitted: Vec<Subtree>,
-    pub excluded: Vec<Subtree>,
+pub(crate) struct NameConstraints {
+    pub(crate) permitted: Vec<Subtree>,
+    pub(crate) excluded: Vec<Subtree>,
 }
 
 /// One name-constraint subtree.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Subtree {
+pub(crate) enum Subtree {
     /// A DNS name and every name below it.
     Dns(String),
     /// An address range: network address and mask, same length.
@@ -48,7 +48,7 @@ pub struct CertParseError(String);
 
 impl CertInfo {
     /// Parses a DER certificate.
-    pub fn from_der(der: &[u8]) -> Result<Self, CertParseError> {
+    pub(crate) fn from_der(der: &[u8]) -> Result<Self, CertParseError> {
         let (_, cert) =
             X509Certificate::from_der(der).map_err(|e| CertParseError(e.to_string()))?;
         let mut names = Vec::new();
@@ -88,7 +88,7 @@ impl CertInfo {
     }
 
     /// Seconds since the Unix epoch of `not_after`, for the expiry metric.
-    pub fn not_after_unix(&self) -> f64 {
+    pub(crate) fn not_after_unix(&self) -> f64 {
         self.not_after
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -96,14 +96,14 @@ impl CertInfo {
     }
 
     /// Whether the certificate's names cover `host`.
-    pub fn covers(&self, host: &ServedName) -> bool {
+    pub(crate) fn covers(&self, host: &ServedName) -> bool {
         self.names.iter().any(|name| name.covers(host))
     }
 }
 
 impl NameConstraints {
     /// Whether a leaf naming `name` would pass these constraints (RFC 5280 4.2.1.10).
-    pub fn permits(&self, name: &ServedName) -> bool {
+    pub(crate) fn permits(&self, name: &ServedName) -> bool {
         let name = match name {
             ServedName::Dns(dns) => ServedName::Dns(dns.trim_start_matches("*.").to_owned()),
             ip => ip.clone(),
@@ -187,6 +187,6 @@ fn to_system_time(unix: i64) -> SystemTime {
 }
 
 /// Lowercase hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -5,22 +5,21 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::certificates::{self, CertError};
-use crate::cli::ServeArgs;
-use crate::config::{Config, ConfigError};
-use crate::listeners::{self, ListenError};
-use crate::metrics::Metrics;
-use crate::server::{ListenerKind, Server};
-use crate::tls::{self, CertStore};
-use crate::tls_manager::TlsManager;
-use crate::{admin, ebpf, handover, signals, supervisor};
+use crate::config::{Config, Reload};
+use crate::ebpf;
+use crate::http::server::Server;
+use crate::lifecycle::listeners::{self, ListenError};
+use crate::lifecycle::{handover, notify, signals};
+use crate::telemetry::admin;
+use crate::telemetry::metrics::{Listener, Metrics};
+use crate::tls;
+use crate::tls::certificates::{self, CertError};
+use crate::tls::renewal::TlsManager;
+use crate::tls::resolver::CertStore;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     /// No certificate could be obtained.
     #[error(transparent)]
     Certificate(#[from] CertError),
@@ -65,11 +64,10 @@ async fn hand_over_on_sigusr2(listeners: &[Arc<tokio::net::TcpListener>; 3]) {
 }
 
 /// Serves until a termination signal, then drains in-flight requests.
-pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
-    let config = Config::load(&args)?;
+pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError> {
     let metrics = Metrics::new()?;
     // Before the listeners exist, so that the kernel observer sees them from the start.
-    let kernel = ebpf::start(config.ebpf, &metrics)?;
+    let kernel = ebpf::start(config.ebpf, metrics.registry())?;
 
     let initial = {
         let config = config.clone();
@@ -77,7 +75,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     };
     tracing::info!(serial = %initial.leaf.serial, names = ?initial.leaf.names.iter().map(ToString::to_string).collect::<Vec<_>>(), "certificate loaded");
     let certs = CertStore::new(initial);
-    let manager = TlsManager::new(args.clone(), config.clone(), certs.clone(), metrics.clone());
+    let manager = TlsManager::new(reload, config.clone(), certs.clone(), metrics.clone());
 
     let mut inherited = listeners::Inherited::from_env();
     let backlog = config.limits.listen_backlog;
@@ -101,8 +99,8 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     // Shared with a successor on SIGUSR2; dropped here at shutdown so the ports close.
     let listeners = [Arc::new(http), Arc::new(https), Arc::new(admin_listener)];
     let [http, https, admin_listener] = listeners.clone();
-    let accept_http = tokio::spawn(server.clone().accept_loop(http, ListenerKind::Http));
-    let accept_https = tokio::spawn(server.clone().accept_loop(https, ListenerKind::Https));
+    let accept_http = tokio::spawn(server.clone().accept_loop(http, Listener::Http));
+    let accept_https = tokio::spawn(server.clone().accept_loop(https, Listener::Https));
     let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
     tokio::spawn({
         let manager = manager.clone();
@@ -114,9 +112,9 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 tracing::info!("SIGHUP received: reloading configuration and certificates");
-                supervisor::reloading();
+                notify::reloading();
                 manager.reload().await;
-                supervisor::ready("serving (reloaded)");
+                notify::ready("serving (reloaded)");
             }
         });
     }
@@ -130,7 +128,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         "proxy ready"
     );
 
-    supervisor::ready("serving");
+    notify::ready("serving");
 
     let handed_over = tokio::select! {
         () = signals::terminate() => false,
@@ -141,7 +139,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         // The successor answers health checks and accepts from here on.
         admin.abort();
     }
-    supervisor::stopping();
+    notify::stopping();
     ready.store(false, Ordering::Release);
     server.shutdown.cancel();
     let _ = tokio::join!(accept_http, accept_https);

@@ -20,7 +20,7 @@ const FIRST_FD: i32 = 3;
 
 /// Why a handover did not happen (the current process keeps serving).
 #[derive(Debug, thiserror::Error)]
-pub enum HandoverError {
+pub(crate) enum HandoverError {
     /// The successor could not be prepared or started.
     #[error("starting the successor: {0}")]
     Spawn(std::io::Error),
@@ -37,7 +37,7 @@ pub enum HandoverError {
 
 /// Starts the successor with `listeners` and returns once it serves. Blocking: run it with
 /// `spawn_blocking`.
-pub fn start_successor(listeners: &[&TcpListener]) -> Result<u32, HandoverError> {
+pub(crate) fn start_successor(listeners: &[&TcpListener]) -> Result<u32, HandoverError> {
     let notify_path = notify_path();
     let _ = std::fs::remove_file(&notify_path);
     let notify = UnixDatagram::bind(&notify_path).map_err(HandoverError::Spawn)?;

@@ -16,9 +16,9 @@ use rcgen::{
 };
 use rustls_pki_types::CertificateDer;
 
-use crate::cert_info::{CertInfo, CertParseError};
 use crate::names::ServedName;
-use crate::state_dir::{self, CERT_MODE, KEY_MODE};
+use crate::tls::cert_info::{CertInfo, CertParseError};
+use crate::tls::state_dir::{self, CERT_MODE, KEY_MODE};
 
 /// How long a CA created here is valid.
 const CA_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
@@ -75,13 +75,13 @@ pub enum CaError {
 
 /// A leaf freshly issued by the CA, in PEM.
 #[derive(Debug, Clone)]
-pub struct IssuedLeaf {
-    pub cert_pem: String,
-    pub key_pem: String,
+pub(crate) struct IssuedLeaf {
+    pub(crate) cert_pem: String,
+    pub(crate) key_pem: String,
 }
 
 /// The local CA, loaded with its key.
-pub struct LocalCa {
+pub(crate) struct LocalCa {
     dir: PathBuf,
     cert_pem: String,
     cert_der: CertificateDer<'static>,
@@ -100,7 +100,7 @@ impl std::fmt::Debug for LocalCa {
 
 impl LocalCa {
     /// Path of the CA certificate in `dir`.
-    pub fn cert_path(dir: &Path) -> PathBuf {
+    pub(crate) fn cert_path(dir: &Path) -> PathBuf {
         dir.join("ca.pem")
     }
 
@@ -110,7 +110,7 @@ impl LocalCa {
 
     /// Creates a CA in `dir` permitted to sign for `permitted` (a DNS name also covers its
     /// subdomains). Refuses to replace an existing CA unless `force`.
-    pub fn init(dir: &Path, permitted: &[ServedName], force: bool) -> Result<Self, CaError> {
+    pub(crate) fn init(dir: &Path, permitted: &[ServedName], force: bool) -> Result<Self, CaError> {
         // Either file counts: a key without its certificate is still someone's CA key.
         if !force && (Self::cert_path(dir).exists() || Self::key_path(dir).exists()) {
             return Err(CaError::Exists(dir.to_owned()));
@@ -149,7 +149,7 @@ impl LocalCa {
     }
 
     /// Loads the CA from `dir`, checking that the key belongs to the certificate.
-    pub fn load(dir: &Path) -> Result<Self, CaError> {
+    pub(crate) fn load(dir: &Path) -> Result<Self, CaError> {
         let cert_path = Self::cert_path(dir);
         if !cert_path.exists() {
             if Self::key_path(dir).exists() {
@@ -189,7 +189,7 @@ impl LocalCa {
     }
 
     /// Loads the CA, creating one permitted for `names` if the directory has none.
-    pub fn load_or_init(dir: &Path, names: &[ServedName]) -> Result<Self, CaError> {
+    pub(crate) fn load_or_init(dir: &Path, names: &[ServedName]) -> Result<Self, CaError> {
         match Self::load(dir) {
             Err(CaError::Missing(_)) => {
                 tracing::info!(dir = %dir.display(), "creating local CA");
@@ -203,7 +203,7 @@ impl LocalCa {
     }
 
     /// Issues a leaf for `names`, valid from now for `lifetime`.
-    pub fn issue_leaf(
+    pub(crate) fn issue_leaf(
         &self,
         names: &[ServedName],
         lifetime: Duration,
@@ -250,29 +250,29 @@ impl LocalCa {
     }
 
     /// The CA certificate in PEM.
-    pub fn cert_pem(&self) -> &str {
+    pub(crate) fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
 
     /// The CA certificate in DER.
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
+    pub(crate) fn cert_der(&self) -> &CertificateDer<'static> {
         &self.cert_der
     }
 
     /// Facts about the CA certificate.
-    pub fn info(&self) -> &CertInfo {
+    pub(crate) fn info(&self) -> &CertInfo {
         &self.info
     }
 
     /// SHA-256 fingerprint of the CA certificate as colon-separated uppercase hex, the form
     /// browsers and `openssl x509 -fingerprint` show.
-    pub fn fingerprint_sha256(&self) -> String {
+    pub(crate) fn fingerprint_sha256(&self) -> String {
         sha256_fingerprint(&self.cert_der)
     }
 }
 
 /// SHA-256 fingerprint of DER bytes, `AA:BB:...`.
-pub fn sha256_fingerprint(der: &[u8]) -> String {
+pub(crate) fn sha256_fingerprint(der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, der);
     digest
         .as_ref()

@@ -5,12 +5,12 @@
 use sd_notify::NotifyState;
 
 /// Every listener is serving.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// A reload started; [`ready`] ends it.
-pub fn reloading() {
+pub(crate) fn reloading() {
     let mut states = vec![NotifyState::Reloading];
     // systemd wants the reload's start time with RELOADING=1 (Type=notify-reload).
     if let Ok(now) = NotifyState::monotonic_usec_now() {
@@ -20,7 +20,7 @@ pub fn reloading() {
 }
 
 /// Draining before exit.
-pub fn stopping() {
+pub(crate) fn stopping() {
     send(&[
         NotifyState::Stopping,
         NotifyState::Status("draining in-flight requests"),

@@ -13,10 +13,10 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::ca::{CaError, LocalCa};
-use crate::cert_info::{CertInfo, CertParseError};
 use crate::config::{Config, TlsSource};
-use crate::state_dir::{self, CERT_MODE, KEY_MODE};
+use crate::tls::ca::{CaError, LocalCa};
+use crate::tls::cert_info::{CertInfo, CertParseError};
+use crate::tls::state_dir::{self, CERT_MODE, KEY_MODE};
 
 /// A leaf is renewed when less than this share of its configured lifetime remains.
 const RENEW_WHEN_REMAINING: u32 = 3;
@@ -64,7 +64,7 @@ pub enum CertError {
 }
 
 /// Runs certificate work (file reads, key generation) off the async workers.
-pub async fn off_thread(
+pub(crate) async fn off_thread(
     work: impl FnOnce() -> Result<ServingCert, CertError> + Send + 'static,
 ) -> Result<ServingCert, CertError> {
     tokio::task::spawn_blocking(work)
@@ -74,22 +74,22 @@ pub async fn off_thread(
 
 /// Certificate material ready to serve.
 #[derive(Debug, Clone)]
-pub struct ServingCert {
-    pub certified_key: Arc<CertifiedKey>,
-    pub leaf: CertInfo,
+pub(crate) struct ServingCert {
+    pub(crate) certified_key: Arc<CertifiedKey>,
+    pub(crate) leaf: CertInfo,
     /// The issuing CA, when known (always for the local CA; the last chain element for
     /// bring-your-own chains that include it).
-    pub ca: Option<CertInfo>,
+    pub(crate) ca: Option<CertInfo>,
     /// When this material should be replaced by a renewal; `None` when the operator owns it.
-    pub renew_at: Option<SystemTime>,
+    pub(crate) renew_at: Option<SystemTime>,
     /// False when a newly issued leaf could not be written to the state directory (read-only
     /// or full) and lives only in memory.
-    pub persisted: bool,
+    pub(crate) persisted: bool,
 }
 
 /// Obtains the material `config` asks for. In local-CA mode this may create the CA and
 /// write a new leaf into the state directory.
-pub fn obtain(config: &Config, provider: &CryptoProvider) -> Result<ServingCert, CertError> {
+pub(crate) fn obtain(config: &Config, provider: &CryptoProvider) -> Result<ServingCert, CertError> {
     match &config.tls {
         TlsSource::Files { cert, key } => load_files(cert, key, provider),
         TlsSource::LocalCa => obtain_from_local_ca(config, provider, false),
@@ -97,12 +97,12 @@ pub fn obtain(config: &Config, provider: &CryptoProvider) -> Result<ServingCert,
 }
 
 /// Issues a fresh leaf from the local CA whatever the state of the current one.
-pub fn renew(config: &Config, provider: &CryptoProvider) -> Result<ServingCert, CertError> {
+pub(crate) fn renew(config: &Config, provider: &CryptoProvider) -> Result<ServingCert, CertError> {
     obtain_from_local_ca(config, provider, true)
 }
 
 /// Validates what `obtain` would use without writing anything (for `proxy check`).
-pub fn check(config: &Config, provider: &CryptoProvider) -> Result<String, CertError> {
+pub(crate) fn check(config: &Config, provider: &CryptoProvider) -> Result<String, CertError> {
     match &config.tls {
         TlsSource::Files { cert, key } => {
             let serving = load_files(cert, key, provider)?;
@@ -129,7 +129,7 @@ pub fn check(config: &Config, provider: &CryptoProvider) -> Result<String, CertE
 }
 
 /// Loads a PEM chain and key supplied by the operator.
-pub fn load_files(
+pub(crate) fn load_files(
     cert: &Path,
     key: &Path,
     provider: &CryptoProvider,
@@ -147,7 +147,7 @@ pub fn load_files(
 
 /// Validates a PEM chain and key as `load_files` does, from bytes; `origin` names them in
 /// errors. The chain's last certificate, if it is not the leaf, is taken as the CA.
-pub fn from_pem(
+pub(crate) fn from_pem(
     origin: &Path,
     cert_pem: &[u8],
     key_pem: &[u8],
@@ -311,6 +311,20 @@ fn build(
 }
 
 /// A timestamp for messages.
-pub fn rfc3339(time: SystemTime) -> String {
+pub(crate) fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// Validates untrusted certificate bytes as a reload would: `cert_pem` and `key_pem` as a
+/// bring-your-own chain and key, and `cert_pem` alone as a DER certificate (the fuzz
+/// target's entry).
+pub fn check_untrusted_certificate(cert_pem: &[u8], key_pem: &[u8]) -> Result<(), CertError> {
+    let as_der = CertInfo::from_der(cert_pem).map(drop);
+    from_pem(
+        Path::new("untrusted.pem"),
+        cert_pem,
+        key_pem,
+        &super::provider(),
+    )?;
+    Ok(as_der?)
 }

@@ -9,18 +9,19 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::certificates::{self, CertError, ServingCert, rfc3339};
-use crate::cli::ServeArgs;
-use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::tls::{self, CertStore};
+use crate::config::{Config, Reload};
+use crate::telemetry::metrics::LabelValue as _;
+use crate::telemetry::metrics::{Certificate, Metrics, Reloaded};
+use crate::tls::certificates::{self, CertError, ServingCert, rfc3339};
+use crate::tls::resolver::CertStore;
 
 /// Longest sleep between checks, so that clock jumps are noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
 /// Owner of the certificate store's updates.
-pub struct TlsManager {
-    args: ServeArgs,
+pub(crate) struct TlsManager {
+    /// Reads the configuration again for a reload.
+    load: Reload,
     /// The configuration in force; replaced by a successful reload. Holding the lock
     /// serialises reloads and renewals.
     config: Mutex<Config>,
@@ -30,15 +31,15 @@ pub struct TlsManager {
 }
 
 impl TlsManager {
-    pub fn new(
-        args: ServeArgs,
+    pub(crate) fn new(
+        load: Reload,
         config: Config,
         certs: Arc<CertStore>,
         metrics: Metrics,
     ) -> Arc<Self> {
         record_served(&metrics, &certs.current());
         Arc::new(TlsManager {
-            args,
+            load,
             config: Mutex::new(config),
             certs,
             metrics,
@@ -47,37 +48,37 @@ impl TlsManager {
     }
 
     /// SIGHUP: re-read the config file, then the certificates it names.
-    pub async fn reload(&self) {
+    pub(crate) async fn reload(&self) {
         let mut config = self.config.lock().await;
-        let args = self.args.clone();
-        match tokio::task::spawn_blocking(move || Config::load(&args)).await {
+        let load = self.load.clone();
+        match tokio::task::spawn_blocking(move || load()).await {
             Ok(Ok(new)) => {
                 let restart_only = config.restart_only_changes(&new);
                 if !restart_only.is_empty() {
                     tracing::warn!(settings = ?restart_only, "these settings change only at restart; keeping the running values");
                 }
                 *config = new;
-                self.metrics.count_reload("config", true);
+                self.metrics.reloaded(Reloaded::Config, true);
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "config reload failed; keeping the running configuration");
-                self.metrics.count_reload("config", false);
+                self.metrics.reloaded(Reloaded::Config, false);
             }
             Err(e) => {
                 tracing::error!(error = %e, "config reload panicked; keeping the running configuration");
-                self.metrics.count_reload("config", false);
+                self.metrics.reloaded(Reloaded::Config, false);
             }
         }
         let snapshot = config.clone();
         let outcome =
-            certificates::off_thread(move || certificates::obtain(&snapshot, &tls::provider()))
+            certificates::off_thread(move || certificates::obtain(&snapshot, &super::provider()))
                 .await;
-        self.apply("tls", outcome);
+        self.apply(Reloaded::Tls, outcome);
         self.reloaded.notify_one();
     }
 
     /// Renews the leaf whenever it falls due, until `shutdown`.
-    pub async fn renew_forever(&self, shutdown: CancellationToken) {
+    pub(crate) async fn renew_forever(&self, shutdown: CancellationToken) {
         loop {
             let due = self.certs.current().renew_at;
             let wait = due.map_or(MAX_SLEEP, |at| {
@@ -96,10 +97,11 @@ impl TlsManager {
             }
             let config = self.config.lock().await;
             let snapshot = config.clone();
-            let renewed =
-                certificates::off_thread(move || certificates::renew(&snapshot, &tls::provider()))
-                    .await;
-            if !self.apply("renewal", renewed) {
+            let renewed = certificates::off_thread(move || {
+                certificates::renew(&snapshot, &super::provider())
+            })
+            .await;
+            if !self.apply(Reloaded::Renewal, renewed) {
                 // Keep serving the current leaf and try again soon, well before it expires.
                 let retry = (config.leaf_lifetime / 10)
                     .clamp(Duration::from_secs(1), Duration::from_secs(30));
@@ -112,18 +114,18 @@ impl TlsManager {
         }
     }
 
-    fn apply(&self, what: &str, outcome: Result<ServingCert, CertError>) -> bool {
+    fn apply(&self, what: Reloaded, outcome: Result<ServingCert, CertError>) -> bool {
         match outcome {
             Ok(serving) => {
-                tracing::info!(what, serial = %serving.leaf.serial, not_after = %rfc3339(serving.leaf.not_after), "serving new certificate");
+                tracing::info!(what = what.as_str(), serial = %serving.leaf.serial, not_after = %rfc3339(serving.leaf.not_after), "serving new certificate");
                 record_served(&self.metrics, &serving);
                 self.certs.replace(serving);
-                self.metrics.count_reload(what, true);
+                self.metrics.reloaded(what, true);
                 true
             }
             Err(e) => {
-                tracing::error!(what, error = %e, "certificate update failed; still serving the previous certificate");
-                self.metrics.count_reload(what, false);
+                tracing::error!(what = what.as_str(), error = %e, "certificate update failed; still serving the previous certificate");
+                self.metrics.reloaded(what, false);
                 false
             }
         }
@@ -132,18 +134,12 @@ impl TlsManager {
 
 /// Sets `proxy_certificate_expiry_timestamp_seconds` for the leaf and, when known, its CA, and
 /// counts a new leaf the state directory could not store.
-pub fn record_served(metrics: &Metrics, serving: &ServingCert) {
+pub(crate) fn record_served(metrics: &Metrics, serving: &ServingCert) {
     if !serving.persisted {
-        metrics.state_write_failures.inc();
+        metrics.state_write_failed();
     }
-    metrics
-        .certificate_expiry
-        .with_label_values(&["leaf"])
-        .set(serving.leaf.not_after_unix());
+    metrics.certificate_expires(Certificate::Leaf, serving.leaf.not_after_unix());
     if let Some(ca) = &serving.ca {
-        metrics
-            .certificate_expiry
-            .with_label_values(&["ca"])
-            .set(ca.not_after_unix());
+        metrics.certificate_expires(Certificate::Ca, ca.not_after_unix());
     }
 }

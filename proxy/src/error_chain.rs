@@ -1,0 +1,37 @@
+//! An error with its causes on one line (`outer: inner: root`), as operators read it in a
+//! log line; `Display` alone would hide the cause that says what to do.
+
+use std::error::Error;
+
+/// `error` followed by each of its sources, separated by `: `.
+pub(crate) fn error_chain(error: &dyn Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("attaching the tracepoint")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn shows_every_cause() {
+        let error = Outer(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "permission denied",
+        ));
+        assert_eq!(
+            error_chain(&error),
+            "attaching the tracepoint: permission denied"
+        );
+    }
+}

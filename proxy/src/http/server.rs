@@ -1,0 +1,256 @@
+//! The data plane: accept loops for the HTTP and HTTPS listeners and the life of each client
+//! connection: the connection cap, the TLS handshake deadline, HTTP/1.1 or HTTP/2 by ALPN,
+//! the first-request and idle deadlines, and graceful drain. Each connection's work runs in
+//! a `connection` span naming its listener and peer.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::config::Config;
+use crate::ebpf::{KernelObserver, KernelTimings};
+use crate::http::deadlines::Activity;
+use crate::http::request::{Connection, Responder};
+use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics};
+use crate::tls;
+use crate::tls::handshake_failure::failure_reason;
+use crate::tls::resolver::CertStore;
+
+/// State shared by every connection of the process.
+pub(crate) struct Server {
+    config: Config,
+    metrics: Metrics,
+    responder: Arc<Responder>,
+    tls: TlsAcceptor,
+    /// HTTP/1.1 only (TLS without ALPN h2), HTTP/2 only (ALPN h2), and either (plain HTTP).
+    h1: Builder<SpanExecutor>,
+    h2: Builder<SpanExecutor>,
+    either: Builder<SpanExecutor>,
+    connection_slots: Arc<Semaphore>,
+    /// The eBPF observer, when attached: joins kernel timings to accepted connections.
+    kernel: Option<Arc<KernelObserver>>,
+    /// Cancelled when the process starts draining.
+    pub(crate) shutdown: CancellationToken,
+    /// Every connection task, so that shutdown can wait for them.
+    pub(crate) connections: TaskTracker,
+}
+
+impl Server {
+    pub(crate) fn new(
+        config: &Config,
+        metrics: Metrics,
+        certs: Arc<CertStore>,
+        kernel: Option<Arc<KernelObserver>>,
+    ) -> Result<Arc<Self>, rustls::Error> {
+        let tls = TlsAcceptor::from(tls::server_config(certs.clone())?);
+        let responder = Arc::new(Responder::new(config, metrics.clone(), certs));
+        Ok(Arc::new(Server {
+            h1: http_builder(config).http1_only(),
+            h2: http_builder(config).http2_only(),
+            either: http_builder(config),
+            connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+            kernel,
+            config: config.clone(),
+            metrics,
+            responder,
+            tls,
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        }))
+    }
+
+    /// Accepts connections until shutdown. At the connection cap it stops accepting, so the
+    /// kernel queues new clients instead of the proxy overcommitting.
+    pub(crate) async fn accept_loop(self: Arc<Self>, listener: Arc<TcpListener>, kind: Listener) {
+        loop {
+            let slot = tokio::select! {
+                slot = self.connection_slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+                () = self.shutdown.cancelled() => break,
+            };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = self.shutdown.cancelled() => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    // First thing after accept(), so the accept wait is measured to here.
+                    let timings = self.kernel.as_ref().and_then(|kernel| kernel.join(&stream));
+                    let _ = stream.set_nodelay(true);
+                    // Dual-stack listeners report IPv4 clients as ::ffff:a.b.c.d.
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                    let span = tracing::info_span!("connection", listener = kind.as_str(), %peer);
+                    self.connections.spawn(
+                        self.clone()
+                            .serve_connection(stream, peer, kind, timings, slot)
+                            .instrument(span),
+                    );
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; the queue holds clients.
+                    tracing::warn!(listener = kind.as_str(), error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        // Dropping the last reference closes the port: new clients are refused while
+        // in-flight requests drain (unless a successor holds the socket too).
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        kind: Listener,
+        kernel: Option<KernelTimings>,
+        _slot: OwnedSemaphorePermit,
+    ) {
+        let _open = self.metrics.connection_opened(kind);
+        match kind {
+            Listener::Http => {
+                let connection = self.connection(kind, peer, kernel, None);
+                self.drive(&self.either, TokioIo::new(stream), connection)
+                    .await;
+            }
+            Listener::Https => {
+                let started = Instant::now();
+                match tokio::time::timeout(
+                    self.config.timeouts.tls_handshake,
+                    self.tls.accept(stream),
+                )
+                .await
+                {
+                    Ok(Ok(tls)) => {
+                        let elapsed = started.elapsed();
+                        self.metrics.tls_handshake_completed(elapsed);
+                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let connection = self.connection(kind, peer, kernel, Some(elapsed));
+                        let builder = if h2 { &self.h2 } else { &self.h1 };
+                        self.drive(builder, TokioIo::new(tls), connection).await;
+                    }
+                    Ok(Err(e)) => {
+                        let reason = failure_reason(&e);
+                        self.metrics.tls_handshake_failed(reason);
+                        tracing::debug!(reason = reason.as_str(), error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        self.metrics
+                            .tls_handshake_failed(crate::telemetry::metrics::TlsFailure::Timeout);
+                        tracing::debug!("TLS handshake timed out");
+                    }
+                }
+            }
+        }
+    }
+
+    fn connection(
+        &self,
+        listener: Listener,
+        peer: SocketAddr,
+        kernel: Option<KernelTimings>,
+        tls_handshake: Option<Duration>,
+    ) -> Arc<Connection> {
+        Arc::new(Connection {
+            responder: self.responder.clone(),
+            listener,
+            peer,
+            activity: Activity::new(),
+            tls_handshake,
+            kernel,
+        })
+    }
+
+    /// Serves HTTP on `io` until the client leaves, a deadline passes, or shutdown drains it.
+    async fn drive<I>(&self, builder: &Builder<SpanExecutor>, io: I, connection: Arc<Connection>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let activity = connection.activity.clone();
+        let service = service_fn(move |request| {
+            let connection = connection.clone();
+            async move { Ok::<_, Infallible>(connection.handle(request).await) }
+        });
+        let connection = builder.serve_connection(io, service);
+        tokio::pin!(connection);
+        let timeouts = self.config.timeouts;
+        let mut draining = false;
+        let grace = loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = activity.expired(timeouts.header_read, timeouts.idle) => {
+                    tracing::debug!("closing connection: deadline passed with no request in flight");
+                    if !activity.any_request() {
+                        // Not even a first request (or an HTTP/2 preface): nothing to say goodbye to.
+                        return;
+                    }
+                    break Duration::from_secs(1);
+                }
+                () = self.shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    if activity.any_request() {
+                        break timeouts.drain;
+                    }
+                    // Accepted but no request yet: the client is about to send one. Closing
+                    // now would fail it; serve it first (the first-request deadline still holds).
+                }
+                () = activity.first_request(), if draining => break timeouts.drain,
+            }
+        };
+        // Finishes requests in flight (HTTP/2: GOAWAY); an idle connection closes at once.
+        connection.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(grace, connection).await;
+    }
+}
+
+/// Spawns hyper's background tasks (the streams of an HTTP/2 connection) in the span of the
+/// connection that spawns them, so that what they log says whose they are.
+#[derive(Debug, Clone, Copy)]
+struct SpanExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpanExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(future.in_current_span());
+    }
+}
+
+/// The hyper connection builder with our limits and timeouts for both protocols.
+fn http_builder(config: &Config) -> Builder<SpanExecutor> {
+    let mut builder = Builder::new(SpanExecutor);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.timeouts.header_read)
+        .max_buf_size(config.limits.max_header_bytes)
+        .max_headers(config.limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    builder
+}

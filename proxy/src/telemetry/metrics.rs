@@ -1,0 +1,425 @@
+//! The application metrics, in one registry served on the admin listener; the kernel
+//! observer registers its collectors into the same registry.
+//!
+//! Label values are bounded and declared here, beside the metric they label, as enums
+//! (`Listener`, `TlsFailure`, `UpstreamFailure`, `Reloaded`, `Certificate`): the code that
+//! counts passes a variant, so a value nobody declared cannot be counted, and every declared
+//! value is exported at 0 from the start, so rates and ratios over it are 0 rather than
+//! absent before the first event.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use strum::IntoEnumIterator;
+
+use crate::telemetry::listen_queue::ListenQueueCollector;
+
+/// Buckets for request and TLS handshake durations: 1 ms to ~16 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 16.0,
+];
+
+/// A bounded label value: an enum whose variants are all the values the label takes.
+pub(crate) trait LabelValue: Copy + Into<&'static str> + IntoEnumIterator {
+    /// The label value as exported.
+    fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// The listener a connection came in on: label `listener`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub(crate) enum Listener {
+    /// Plain HTTP: everything is redirected.
+    Http,
+    /// HTTPS: the site or the upstream.
+    Https,
+}
+impl LabelValue for Listener {}
+
+/// Why a TLS handshake failed: label `reason` of `proxy_tls_handshake_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub(crate) enum TlsFailure {
+    /// The handshake deadline passed.
+    Timeout,
+    /// The client closed the connection mid-handshake.
+    Eof,
+    /// Any other socket error.
+    Io,
+    /// The client offered no TLS version we accept.
+    ProtocolVersion,
+    /// No cipher suite, group or signature scheme in common.
+    Incompatible,
+    /// The client refused our certificate (it does not trust the CA).
+    CertificateRejected,
+    /// The client sent another alert.
+    AlertReceived,
+    /// Not TLS, or malformed TLS.
+    InvalidMessage,
+    /// The client broke the protocol.
+    PeerMisbehaved,
+    /// No application protocol in common (ALPN).
+    NoApplicationProtocol,
+    /// Anything rustls reports that the reasons above do not cover.
+    Other,
+}
+impl LabelValue for TlsFailure {}
+
+/// Why an upstream request failed: label `kind` of `proxy_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub(crate) enum UpstreamFailure {
+    /// The connection could not be opened.
+    Connect,
+    /// No response head before the deadline.
+    Timeout,
+    /// The upstream broke HTTP or the connection.
+    Protocol,
+}
+impl LabelValue for UpstreamFailure {}
+
+/// What a reload replaced: label `what` of `proxy_reloads_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub(crate) enum Reloaded {
+    /// The config file (SIGHUP).
+    Config,
+    /// The certificate and key (SIGHUP).
+    Tls,
+    /// The local CA's leaf, renewed before expiry.
+    Renewal,
+}
+impl LabelValue for Reloaded {}
+
+/// Which certificate: label `cert` of `proxy_certificate_expiry_timestamp_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub(crate) enum Certificate {
+    /// The served leaf.
+    Leaf,
+    /// Its issuing CA.
+    Ca,
+}
+impl LabelValue for Certificate {}
+
+/// Every application metric, registered once at start-up.
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    http_requests: IntCounterVec,
+    http_request_duration: HistogramVec,
+    tls_handshake_duration: Histogram,
+    tls_handshake_failures: IntCounterVec,
+    connections_open: IntGaugeVec,
+    connections: IntCounterVec,
+    upstream_request_duration: Histogram,
+    upstream_errors: IntCounterVec,
+    certificate_expiry: GaugeVec,
+    reloads: IntCounterVec,
+    state_write_failures: IntCounter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric. Fails only on a programming error (a duplicate or
+    /// malformed name), which the unit test below catches.
+    pub(crate) fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let register = |metric: Box<dyn prometheus::core::Collector>| registry.register(metric);
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+            register(Box::new(metric.clone()))?;
+            prometheus::Result::Ok(metric)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            register(Box::new(metric.clone()))?;
+            prometheus::Result::Ok(metric)
+        };
+        let histogram = |name: &str, help: &str| {
+            let metric = Histogram::with_opts(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+            )?;
+            register(Box::new(metric.clone()))?;
+            prometheus::Result::Ok(metric)
+        };
+
+        let http_request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "proxy_http_request_duration_seconds",
+                "Time from request head to response head.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["listener"],
+        )?;
+        register(Box::new(http_request_duration.clone()))?;
+        let certificate_expiry = GaugeVec::new(
+            Opts::new(
+                "proxy_certificate_expiry_timestamp_seconds",
+                "Unix time at which the served leaf or its CA expires.",
+            ),
+            &["cert"],
+        )?;
+        register(Box::new(certificate_expiry.clone()))?;
+        let state_write_failures = IntCounter::new(
+            "proxy_state_write_failures_total",
+            "New leaves the state directory could not store (read-only or full); each is served \
+             from memory.",
+        )?;
+        register(Box::new(state_write_failures.clone()))?;
+        gauge(
+            "proxy_build_info",
+            "Always 1; the version label says which build runs.",
+            &["version"],
+        )?
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+        register(Box::new(ListenQueueCollector::new()?))?;
+
+        let metrics = Metrics {
+            http_requests: counter(
+                "proxy_http_requests_total",
+                "HTTP requests answered, by listener and status code.",
+                &["listener", "code"],
+            )?,
+            http_request_duration,
+            tls_handshake_duration: histogram(
+                "proxy_tls_handshake_duration_seconds",
+                "Time from TCP accept to a completed TLS handshake.",
+            )?,
+            tls_handshake_failures: counter(
+                "proxy_tls_handshake_failures_total",
+                "TLS handshakes that failed, by reason.",
+                &["reason"],
+            )?,
+            connections_open: gauge(
+                "proxy_connections_open",
+                "Client connections open now.",
+                &["listener"],
+            )?,
+            connections: counter(
+                "proxy_connections_total",
+                "Client connections accepted.",
+                &["listener"],
+            )?,
+            upstream_request_duration: histogram(
+                "proxy_upstream_request_duration_seconds",
+                "Time for the upstream to answer with a response head.",
+            )?,
+            upstream_errors: counter(
+                "proxy_upstream_errors_total",
+                "Upstream requests that failed, by kind.",
+                &["kind"],
+            )?,
+            certificate_expiry,
+            reloads: counter(
+                "proxy_reloads_total",
+                "Reloads and renewals, by what was reloaded and the result.",
+                &["what", "result"],
+            )?,
+            state_write_failures,
+            registry,
+        };
+        for reason in TlsFailure::iter() {
+            metrics
+                .tls_handshake_failures
+                .with_label_values(&[reason.as_str()]);
+        }
+        for kind in UpstreamFailure::iter() {
+            metrics.upstream_errors.with_label_values(&[kind.as_str()]);
+        }
+        for what in Reloaded::iter() {
+            metrics
+                .reloads
+                .with_label_values(&[what.as_str(), "failure"]);
+        }
+        for listener in Listener::iter() {
+            let listener = listener.as_str();
+            metrics.connections_open.with_label_values(&[listener]);
+            metrics.connections.with_label_values(&[listener]);
+            metrics.http_request_duration.with_label_values(&[listener]);
+        }
+        Ok(metrics)
+    }
+
+    /// The registry, for collectors of other layers (the kernel observer) to join.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts an accepted connection and keeps it among the open ones until the guard drops.
+    pub(crate) fn connection_opened(&self, listener: Listener) -> OpenConnection {
+        let label = listener.as_str();
+        self.connections.with_label_values(&[label]).inc();
+        let open = self.connections_open.with_label_values(&[label]);
+        open.inc();
+        OpenConnection(open)
+    }
+
+    /// Counts a request answered with `status` after `elapsed` (request head to response head).
+    pub(crate) fn request_answered(
+        &self,
+        listener: Listener,
+        status: http::StatusCode,
+        elapsed: Duration,
+    ) {
+        let listener = listener.as_str();
+        self.http_requests
+            .with_label_values(&[listener, status.as_str()])
+            .inc();
+        self.http_request_duration
+            .with_label_values(&[listener])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records a completed TLS handshake.
+    pub(crate) fn tls_handshake_completed(&self, elapsed: Duration) {
+        self.tls_handshake_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a failed TLS handshake.
+    pub(crate) fn tls_handshake_failed(&self, reason: TlsFailure) {
+        self.tls_handshake_failures
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    /// Records how long the upstream took to answer (or fail).
+    pub(crate) fn upstream_request_finished(&self, elapsed: Duration) {
+        self.upstream_request_duration
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a failed upstream request.
+    pub(crate) fn upstream_failed(&self, kind: UpstreamFailure) {
+        self.upstream_errors
+            .with_label_values(&[kind.as_str()])
+            .inc();
+    }
+
+    /// Counts a reload or renewal outcome.
+    pub(crate) fn reloaded(&self, what: Reloaded, ok: bool) {
+        self.reloads
+            .with_label_values(&[what.as_str(), if ok { "success" } else { "failure" }])
+            .inc();
+    }
+
+    /// Sets when `cert` expires, as a Unix time.
+    pub(crate) fn certificate_expires(&self, cert: Certificate, unix_seconds: f64) {
+        self.certificate_expiry
+            .with_label_values(&[cert.as_str()])
+            .set(unix_seconds);
+    }
+
+    /// Counts a new leaf the state directory could not store.
+    pub(crate) fn state_write_failed(&self) {
+        self.state_write_failures.inc();
+    }
+
+    /// The registry in Prometheus text format.
+    pub(crate) fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec fails only on a malformed metric family, which we never build.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// An open client connection, counted in `proxy_connections_open` until dropped.
+pub(crate) struct OpenConnection(prometheus::IntGauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalogue_names_are_exported() {
+        let metrics = Metrics::new().expect("metrics register");
+        metrics.request_answered(
+            Listener::Https,
+            http::StatusCode::OK,
+            Duration::from_millis(1),
+        );
+        metrics.tls_handshake_failed(TlsFailure::Timeout);
+        metrics.upstream_failed(UpstreamFailure::Connect);
+        metrics.certificate_expires(Certificate::Leaf, 1.0);
+        metrics.reloaded(Reloaded::Tls, true);
+        let text = String::from_utf8(metrics.render()).expect("utf8");
+        for name in [
+            "proxy_http_requests_total",
+            "proxy_http_request_duration_seconds",
+            "proxy_tls_handshake_duration_seconds",
+            "proxy_tls_handshake_failures_total",
+            "proxy_connections_open",
+            "proxy_connections_total",
+            "proxy_upstream_request_duration_seconds",
+            "proxy_upstream_errors_total",
+            "proxy_certificate_expiry_timestamp_seconds",
+            "proxy_reloads_total",
+            "proxy_state_write_failures_total",
+            "proxy_build_info",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from:\n{text}"
+            );
+        }
+    }
+
+    /// Every declared label value is exported from the start, before anything is counted.
+    #[test]
+    fn declared_label_values_exist_at_zero() {
+        let metrics = Metrics::new().expect("metrics register");
+        let text = String::from_utf8(metrics.render()).expect("utf8");
+        let expect = |series: String| {
+            assert!(
+                text.contains(&format!("{series} 0")),
+                "{series} missing from:\n{text}"
+            );
+        };
+        for reason in TlsFailure::iter() {
+            expect(format!(
+                "proxy_tls_handshake_failures_total{{reason=\"{}\"}}",
+                reason.as_str()
+            ));
+        }
+        for kind in UpstreamFailure::iter() {
+            expect(format!(
+                "proxy_upstream_errors_total{{kind=\"{}\"}}",
+                kind.as_str()
+            ));
+        }
+        for what in Reloaded::iter() {
+            expect(format!(
+                "proxy_reloads_total{{result=\"failure\",what=\"{}\"}}",
+                what.as_str()
+            ));
+        }
+        for listener in Listener::iter() {
+            expect(format!(
+                "proxy_connections_total{{listener=\"{}\"}}",
+                listener.as_str()
+            ));
+        }
+        assert_eq!(
+            TlsFailure::NoApplicationProtocol.as_str(),
+            "no_application_protocol"
+        );
+    }
+}
