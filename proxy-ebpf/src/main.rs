@@ -11,13 +11,12 @@
 #![no_std]
 #![no_main]
 
-use core::ffi::c_void;
-use core::ptr::{addr_of, read_volatile};
+use core::ptr::read_volatile;
 
+use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{
     BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_ESTABLISHED,
-    bpf_sock_ops,
 };
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns};
 use aya_ebpf::macros::{map, sock_ops, tracepoint};
@@ -56,9 +55,28 @@ static RECEIVE_RESET_COOKIE_OFFSET: u32 = 64;
 
 const AF_INET: u32 = 2;
 
+/// Reads one `u32` field of the sock_ops context: `field!(ctx, family)`,
+/// `field!(ctx, local_ip6[0])`. The verifier refuses some plain copies of sock_ops fields
+/// ("dereference of modified ctx ptr"); one volatile load per field, at the field's own
+/// offset from the unmodified context pointer, passes.
+macro_rules! field {
+    ($ctx:expr, $field:ident $([$index:literal])?) => {{
+        let ctx: &SockOpsContext = $ctx;
+        let ops = ctx.ops;
+        // SAFETY: `ops` is the context pointer the kernel passed to this run of the program
+        // (aya's `#[sock_ops]` wraps it in the `SockOpsContext`; nothing here builds another),
+        // so it points to a readable `bpf_sock_ops` for the whole run, aligned for its `u32`
+        // fields. The place is a named field of that struct, or an element of one of its
+        // arrays at a literal index that the compiler checks against the array's length, so
+        // the pointer stays inside the struct. The verifier checks each context load against
+        // the fields sock_ops programs may read, before the program ever runs.
+        unsafe { read_volatile(&raw const (*ops).$field $([$index])?) }
+    }};
+}
+
 #[sock_ops]
 pub fn proxy_sock_ops(ctx: SockOpsContext) -> u32 {
-    match field(&ctx, |ops| unsafe { addr_of!((*ops).op) }) {
+    match field!(&ctx, op) {
         BPF_SOCK_OPS_TIMEOUT_INIT => on_syn(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
@@ -70,11 +88,30 @@ pub fn proxy_sock_ops(ctx: SockOpsContext) -> u32 {
 
 #[tracepoint]
 pub fn proxy_receive_reset(ctx: TracePointContext) -> u32 {
-    let offset = unsafe { read_volatile(&RECEIVE_RESET_COOKIE_OFFSET) } as usize;
+    // SAFETY: a pointer made from a shared static is valid and aligned for a `u32` read. The
+    // read is volatile so that the compiler keeps the load instead of folding in the initial
+    // 64: the loader rewrites the value in the object before the kernel loads it.
+    let offset = unsafe { read_volatile(&raw const RECEIVE_RESET_COOKIE_OFFSET) } as usize;
+    // SAFETY: `read_at` is `bpf_probe_read_kernel` of 8 bytes at the tracepoint record plus
+    // `offset` into a local `u64`: the helper checks the source address and returns an error
+    // (→ `Err`, nothing counted) instead of faulting if it is not readable kernel memory, and
+    // every bit pattern is a valid `u64`. A wrong offset gives a wrong cookie, not a fault.
     let Ok(cookie) = (unsafe { ctx.read_at::<u64>(offset) }) else {
         return 0;
     };
     if let Some(record) = CONNECTIONS.get_ptr_mut(cookie) {
+        #[expect(
+            clippy::multiple_unsafe_ops_per_block,
+            reason = "one update of one record through one pointer, under one SAFETY argument"
+        )]
+        // SAFETY: a non-null pointer from a map lookup points to the element's value in the
+        // map's own memory, which the kernel aligns to 8 bytes and keeps allocated for this
+        // whole run (LRU maps are preallocated, and the program runs under RCU). The
+        // `ConnectionRecord` is plain integers. Another CPU may remove or recycle the element
+        // at the same time (the CLOSE of this very connection, or LRU eviction): then the flag
+        // is lost or lands on the record of another connection, and `slot` may be another
+        // connection's, which `count` bounds-checks. A wrong count, never an access outside
+        // the element.
         let slot = unsafe {
             (*record).flags |= FLAG_RESET_RECEIVED;
             (*record).slot
@@ -104,8 +141,8 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     };
     let established_ns = now();
-    let syn_ns = match unsafe { SYNS.get(&flow) } {
-        Some(&syn_ns) => {
+    let syn_ns = match lru_value(&SYNS, &flow) {
+        Some(syn_ns) => {
             let _ = SYNS.remove(&flow);
             observe(HIST_HANDSHAKE, slot, established_ns.saturating_sub(syn_ns));
             syn_ns
@@ -116,7 +153,7 @@ fn on_established(ctx: &SockOpsContext) {
         }
     };
     count(CTR_CONNECTIONS, slot, 1);
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    let cookie = socket_cookie(ctx);
     let record = ConnectionRecord {
         syn_ns,
         established_ns,
@@ -131,7 +168,7 @@ fn on_established(ctx: &SockOpsContext) {
         );
         return;
     }
-    let flags = field(ctx, |ops| unsafe { addr_of!((*ops).bpf_sock_ops_cb_flags) });
+    let flags = field!(ctx, bpf_sock_ops_cb_flags);
     let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
@@ -143,8 +180,8 @@ fn on_state_change(ctx: &SockOpsContext) {
     if new != BPF_TCP_CLOSE {
         return;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
-    let Some(record) = (unsafe { CONNECTIONS.get(&cookie) }).copied() else {
+    let cookie = socket_cookie(ctx);
+    let Some(record) = lru_value(&CONNECTIONS, &cookie) else {
         return;
     };
     let _ = CONNECTIONS.remove(&cookie);
@@ -156,11 +193,11 @@ fn on_state_change(ctx: &SockOpsContext) {
         now().saturating_sub(record.established_ns),
     );
     // srtt_us holds the smoothed RTT in microseconds, shifted left by 3.
-    let srtt_us = u64::from(field(ctx, |ops| unsafe { addr_of!((*ops).srtt_us) }) >> 3);
+    let srtt_us = u64::from(field!(ctx, srtt_us) >> 3);
     if srtt_us > 0 {
         observe(HIST_RTT, slot, srtt_us * 1000);
     }
-    let retransmits = field(ctx, |ops| unsafe { addr_of!((*ops).total_retrans) });
+    let retransmits = field!(ctx, total_retrans);
     count(CTR_RETRANSMITS, slot, u64::from(retransmits));
     let abrupt = old == BPF_TCP_ESTABLISHED || old == BPF_TCP_CLOSE_WAIT;
     if abrupt && record.flags & FLAG_RESET_RECEIVED == 0 {
@@ -170,19 +207,19 @@ fn on_state_change(ctx: &SockOpsContext) {
 
 /// The connection's network namespace and 4-tuple.
 fn flow_key(ctx: &SockOpsContext) -> Option<FlowKey> {
-    let family = field(ctx, |ops| unsafe { addr_of!((*ops).family) });
+    let family = field!(ctx, family);
     let (local_ip, remote_ip) = if family == AF_INET {
-        let local = field(ctx, |ops| unsafe { addr_of!((*ops).local_ip4) });
-        let remote = field(ctx, |ops| unsafe { addr_of!((*ops).remote_ip4) });
+        let local = field!(ctx, local_ip4);
+        let remote = field!(ctx, remote_ip4);
         ([local, 0, 0, 0], [remote, 0, 0, 0])
     } else {
         (ip6(ctx, true), ip6(ctx, false))
     };
     Some(FlowKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) },
+        netns_cookie: netns_cookie(ctx),
         family,
-        local_port: field(ctx, |ops| unsafe { addr_of!((*ops).local_port) }),
-        remote_port: field(ctx, |ops| unsafe { addr_of!((*ops).remote_port) }),
+        local_port: field!(ctx, local_port),
+        remote_port: field!(ctx, remote_port),
         _pad: 0,
         local_ip,
         remote_ip,
@@ -190,39 +227,72 @@ fn flow_key(ctx: &SockOpsContext) -> Option<FlowKey> {
 }
 
 fn ip6(ctx: &SockOpsContext, local: bool) -> [u32; 4] {
-    let mut out = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        out[i] = if local {
-            field(ctx, |ops| unsafe { addr_of!((*ops).local_ip6[i]) })
-        } else {
-            field(ctx, |ops| unsafe { addr_of!((*ops).remote_ip6[i]) })
-        };
-        i += 1;
+    if local {
+        [
+            field!(ctx, local_ip6[0]),
+            field!(ctx, local_ip6[1]),
+            field!(ctx, local_ip6[2]),
+            field!(ctx, local_ip6[3]),
+        ]
+    } else {
+        [
+            field!(ctx, remote_ip6[0]),
+            field!(ctx, remote_ip6[1]),
+            field!(ctx, remote_ip6[2]),
+            field!(ctx, remote_ip6[3]),
+        ]
     }
-    out
 }
 
 fn listener_slot(ctx: &SockOpsContext, netns_cookie: u64) -> Option<u32> {
-    let port = field(ctx, |ops| unsafe { addr_of!((*ops).local_port) });
+    let port = field!(ctx, local_port);
     let key = ListenerKey {
         netns_cookie,
         port,
         _pad: 0,
     };
+    // SAFETY: as in `lru_value`: the reference points into the map's preallocated memory for
+    // this whole run and the `u32` is copied out at once. Only userspace writes this map, when
+    // it registers a listener; a lookup racing such an update may read a stale or mixed slot,
+    // which the filter below bounds.
     unsafe { LISTENERS.get(&key) }
         .copied()
         .filter(|slot| *slot < MAX_LISTENERS)
 }
 
-/// Reads one context field. The verifier refuses some plain copies of sock_ops fields
-/// ("dereference of modified ctx ptr"); one volatile load per field passes.
+/// Copies the value of `key` out of an LRU map, at once: the element may be recycled for
+/// another key while the program runs.
 #[inline(always)]
-fn field(ctx: &SockOpsContext, at: impl FnOnce(*mut bpf_sock_ops) -> *const u32) -> u32 {
-    unsafe { read_volatile(at(ctx.ops)) }
+fn lru_value<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
+    // SAFETY: `get` is unsafe because the kernel may delete or evict the element, and reuse it
+    // for another key, while we hold the reference. The reference still points into the map's
+    // own memory (LRU maps are always preallocated, and the program runs under RCU), valid and
+    // aligned for this whole run; the value is copied out before anything else happens. The
+    // values stored here (`u64`, `ConnectionRecord`) are plain integers, so a copy that races
+    // an update is a wrong number (a time, or a slot that `count`/`observe` bounds-check),
+    // never an invalid value or an access outside the element.
+    unsafe { map.get(key) }.copied()
+}
+
+/// The socket cookie of the connection, the value userspace reads with `SO_COOKIE`.
+#[inline(always)]
+fn socket_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: `bpf_get_socket_cookie` takes the program's context pointer, which is what
+    // `as_ptr` returns: the kernel's own `bpf_sock_ops` for this run (the verifier checks that
+    // the argument is the unmodified context). The helper only reads the socket's cookie.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The cookie of the connection's network namespace (userspace: `SO_NETNS_COOKIE`).
+#[inline(always)]
+fn netns_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: as in `socket_cookie`: `bpf_get_netns_cookie` takes the unmodified context
+    // pointer (checked by the verifier) and only reads the socket's namespace cookie.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }
 
 fn now() -> u64 {
+    // SAFETY: `bpf_ktime_get_ns` takes no argument and only reads CLOCK_MONOTONIC.
     unsafe { bpf_ktime_get_ns() }
 }
 
@@ -231,19 +301,28 @@ fn observe(histogram: u32, slot: u32, ns: u64) {
     if bucket >= BUCKETS || slot >= MAX_LISTENERS {
         return;
     }
-    if let Some(cell) = HISTOGRAMS.get_ptr_mut(histogram_index(histogram, slot, bucket)) {
-        unsafe { *cell += 1 };
-    }
-    if let Some(sum) = HISTOGRAM_SUMS.get_ptr_mut(histogram_sum_index(histogram, slot)) {
-        unsafe { *sum += ns };
-    }
+    add(&HISTOGRAMS, histogram_index(histogram, slot, bucket), 1);
+    add(&HISTOGRAM_SUMS, histogram_sum_index(histogram, slot), ns);
 }
 
 fn count(counter: u32, slot: u32, by: u64) {
     if slot >= MAX_LISTENERS {
         return;
     }
-    if let Some(cell) = COUNTERS.get_ptr_mut(counter_index(counter, slot)) {
+    add(&COUNTERS, counter_index(counter, slot), by);
+}
+
+/// Adds `by` to this CPU's copy of entry `index` of a per-CPU array; an index past the end
+/// finds no entry and adds nothing.
+#[inline(always)]
+fn add(map: &PerCpuArray<u64>, index: u32, by: u64) {
+    if let Some(cell) = map.get_ptr_mut(index) {
+        // SAFETY: a non-null pointer from an array lookup points to this CPU's copy of the
+        // entry, in memory the map owns for its whole life, aligned for a `u64`. Only program
+        // runs on this CPU touch that copy (userspace only reads it, at scrape time). A run in
+        // process context can be interrupted between its load and its store by a run in
+        // softirq context, whose addition is then lost: a miscount, never a torn value or an
+        // access outside the entry, as each 8-byte load and store is one aligned instruction.
         unsafe { *cell += by };
     }
 }
