@@ -23,19 +23,18 @@ pub mod monitoring;
 pub mod mounts;
 pub mod netns;
 pub mod process;
-pub mod tempdir;
 pub mod upstream;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use client::{Alpn, RawResp, Req, Resp, TlsInfo, TlsOptions};
-pub use metrics::Metrics;
+pub use metrics::{Metrics, MetricsExt};
 pub use netns::NetNs;
 pub use process::{Process, Proxy, proxy_bin, run_with_timeout};
-pub use tempdir::TempDir;
+pub use proxy_testkit::{TempDir, poll_until, usage};
 
 /// The proxy's HTTPS listener as seen from inside the namespace.
 pub const HTTPS: &str = "127.0.0.1:443";
@@ -62,7 +61,7 @@ impl TestEnv {
         }
         Some(TestEnv {
             ns: NetNs::new(),
-            dir: TempDir::new(test),
+            dir: scratch_dir(test),
         })
     }
 
@@ -165,18 +164,12 @@ pub fn soak_figure(check: &str, figure: &str) {
     eprintln!("SOAK-FIGURE {test}\t{check}\t{figure}");
 }
 
-/// Polls `check` every 50 ms until it returns `Some`, or gives up after `timeout`.
-pub fn poll_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// A fresh directory `<tmp>/proxy-e2e-<name>-XXXXXX`, removed on drop unless the test failed
+/// or `PROXY_E2E_KEEP` is set (then kept for a post-mortem, and its path printed).
+pub fn scratch_dir(name: &str) -> TempDir {
+    TempDir::new(&format!("proxy-e2e-{name}-"))
+        .unwrap_or_else(|e| panic!("creating a temporary directory for {name}: {e}"))
+        .kept_when_set("PROXY_E2E_KEEP")
 }
 
 /// Runs a one-shot `proxy ARGS` command (no namespace needed), bounded to 30 s.

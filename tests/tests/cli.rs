@@ -7,7 +7,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use proxy_e2e::{
-    TempDir, TestEnv, path_str, proxy_bin, proxy_cmd, proxy_cmd_ok, read, run_with_timeout,
+    TestEnv, path_str, proxy_bin, proxy_cmd, proxy_cmd_ok, read, run_with_timeout, scratch_dir,
 };
 
 /// Runs `proxy check ARGS` inside the test's namespace (so nothing it might bind collides).
@@ -155,7 +155,7 @@ fn check_accepts_good_config_and_names_what_is_wrong() {
 
 #[test]
 fn ca_export_prints_the_pem_and_its_sha256_fingerprint() {
-    let dir = TempDir::new("export");
+    let dir = scratch_dir("export");
     let state = dir.path().join("state");
     proxy_cmd_ok(&[
         "ca",
@@ -199,7 +199,7 @@ fn ca_export_prints_the_pem_and_its_sha256_fingerprint() {
 
 #[test]
 fn ca_init_keeps_keys_private_and_refuses_to_overwrite() {
-    let dir = TempDir::new("init");
+    let dir = scratch_dir("init");
     let state = dir.path().join("state");
     proxy_cmd_ok(&[
         "ca",

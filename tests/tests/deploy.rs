@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use proxy_e2e::{TempDir, run_with_timeout};
+use proxy_e2e::{run_with_timeout, scratch_dir};
 
 /// Exposure `systemd-analyze security` may report for proxy.service, in tenths (2.0).
 const EXPOSURE_THRESHOLD: &str = "20";
@@ -25,7 +25,7 @@ fn vagrantfile_validates_and_scripts_pass_shellcheck() {
     {
         return;
     }
-    let home = TempDir::new("deploy-vagrant-home");
+    let home = scratch_dir("deploy-vagrant-home");
     for prebuilt in ["0", "1"] {
         let mut cmd = Command::new("vagrant");
         cmd.args(["validate", "--ignore-provider"])
@@ -105,7 +105,7 @@ fn systemd_units_verify_and_proxy_service_is_hardened() {
     }
     // A root with the shipped units, stub binaries at the paths they name, systemd's own
     // units (sysinit.target...) and Debian's packaged units the drop-ins extend.
-    let tmp = TempDir::new("deploy-systemd");
+    let tmp = scratch_dir("deploy-systemd");
     let sysroot = tmp.path();
     let units = sysroot.join("etc/systemd/system");
     let systemd_dir = root().join("deploy/systemd");
