@@ -44,10 +44,11 @@ pub enum NetnsError {
 }
 
 /// A network namespace with loopback up; deleted when dropped, after killing whatever still
-/// runs in it.
+/// runs in it, unless [`NetNs::keep`] was called.
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
+    kept: bool,
 }
 
 impl NetNs {
@@ -69,6 +70,7 @@ impl NetNs {
         // From here on, a failure deletes the namespace again.
         let ns = NetNs {
             name: name.to_owned(),
+            kept: false,
         };
         command::output(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))?;
         Ok(ns)
@@ -131,9 +133,9 @@ impl NetNs {
         })
     }
 
-    /// Leaves the namespace in place (and whatever runs in it) instead of deleting it.
-    pub fn keep(self) {
-        std::mem::forget(self);
+    /// Leaves the namespace in place when dropped, with whatever runs in it.
+    pub fn keep(&mut self) {
+        self.kept = true;
     }
 
     fn path(&self) -> PathBuf {
@@ -143,6 +145,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
         if let Err(e) = delete(&self.name) {
             eprintln!("warning: {e}");
         }

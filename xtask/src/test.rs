@@ -4,13 +4,9 @@
 
 use std::process::ExitCode;
 
-use crate::{
-    deps, ebpf,
-    exec::exec,
-    fuzz,
-    phase::{self, Phase},
-    pypi, supply_chain, workspace,
-};
+use proxy_testkit::phase::{self, Phase};
+
+use crate::{deps, ebpf, exec::exec, fuzz, pypi, supply_chain, workspace};
 
 /// Options of `cargo xtask test`.
 #[derive(Debug, clap::Args)]

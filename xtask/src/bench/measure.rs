@@ -6,18 +6,23 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use proxy_testkit::{Metrics, NetNs, Process, command, usage};
 
 use super::{
     load::{self, HOST, Throughput},
-    netns::{self, Netns, Server},
     nginx,
     report::{Contender, Metric, Run},
 };
+
+/// How long a server gets to start answering.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a server gets to stop on SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Everything a measurement needs, fixed for the whole benchmark.
 #[derive(Debug)]
@@ -33,7 +38,6 @@ pub struct Bench {
     pub h2_connections: usize,
     pub h2_streams: usize,
     pub handshake_clients: usize,
-    pub ticks: f64,
 }
 
 impl Bench {
@@ -44,7 +48,7 @@ impl Bench {
 
     /// Starts `contender` in `ns` and waits until it answers; checks the answer and, for the
     /// proxy, whether its eBPF program is attached as asked.
-    pub fn start(&self, contender: Contender, ns: &Netns) -> Result<Server> {
+    pub fn start(&self, contender: Contender, ns: &NetNs) -> Result<Process> {
         let mut server = match contender {
             Contender::Nginx => self.start_nginx(ns)?,
             Contender::AccessLog => {
@@ -63,13 +67,13 @@ impl Bench {
         wait_ready(ns, &mut server)?;
         check_answer(ns).with_context(|| format!("{} answers differently", contender.label()))?;
         if contender != Contender::Nginx {
-            let metrics = curl(ns, &[], "http://127.0.0.1:9090/metrics")?;
+            let metrics = Metrics::parse(&curl(ns, &[], "http://127.0.0.1:9090/metrics")?);
             let want = if contender == Contender::Detached {
                 0.0
             } else {
                 1.0
             };
-            let attached = ebpf_attached(&metrics);
+            let attached = metrics.get("proxy_ebpf_attached", &[("program", "sock_ops")]);
             if attached != Some(want) {
                 bail!(
                     "{}: proxy_ebpf_attached{{program=\"sock_ops\"}} is {attached:?}, expected {want}",
@@ -83,21 +87,21 @@ impl Bench {
     /// The proxy with `--ebpf ebpf`, `PROXY_LOG=filter` and its standard error to `log`, ready.
     /// The access log costs a line per request: the bench runs it off (`warn`) except in the
     /// access-log run (`info`, to /dev/null: formatting and the write calls, not a disk).
-    pub fn start_proxy(&self, ns: &Netns, ebpf: &str, filter: &str, log: &Path) -> Result<Server> {
-        let mut cmd = ns.pinned(self.server_cpu, &self.proxy.to_string_lossy());
+    pub fn start_proxy(&self, ns: &NetNs, ebpf: &str, filter: &str, log: &Path) -> Result<Process> {
+        let mut cmd = pinned(ns, self.server_cpu, &self.proxy.to_string_lossy());
         cmd.arg("serve")
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(["--ebpf", ebpf, "--drain-timeout", "1s"])
             .env("PROXY_LOG", filter);
-        let mut server = Server::start("proxy", &mut cmd, log)?;
+        let mut server = start_server("proxy", &mut cmd, log)?;
         wait_ready(ns, &mut server)?;
         Ok(server)
     }
 
     /// nginx with the configuration of [`nginx::config`] (a resumption log when `log` is
     /// given) in its own prefix directory, ready.
-    pub fn start_nginx_with(&self, ns: &Netns, name: &str, log: Option<&Path>) -> Result<Server> {
+    pub fn start_nginx_with(&self, ns: &NetNs, name: &str, log: Option<&Path>) -> Result<Process> {
         let (bin, version) = self.nginx.as_ref().context("nginx is not available")?;
         let dir = self.dir.join(name);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -109,14 +113,14 @@ impl Bench {
             resumption_log: log,
         });
         fs::write(dir.join("nginx.conf"), conf)?;
-        let mut cmd = ns.pinned(self.server_cpu, &bin.to_string_lossy());
+        let mut cmd = pinned(ns, self.server_cpu, &bin.to_string_lossy());
         cmd.args(nginx::args(&dir));
-        let mut server = Server::start("nginx", &mut cmd, &dir.join("nginx.out"))?;
+        let mut server = start_server("nginx", &mut cmd, &dir.join("nginx.out"))?;
         wait_ready(ns, &mut server)?;
         Ok(server)
     }
 
-    fn start_nginx(&self, ns: &Netns) -> Result<Server> {
+    fn start_nginx(&self, ns: &NetNs) -> Result<Process> {
         self.start_nginx_with(ns, "nginx", None)
     }
 
@@ -125,8 +129,8 @@ impl Bench {
         &self,
         contender: Contender,
         rep: usize,
-        ns: &Netns,
-        server: &mut Server,
+        ns: &NetNs,
+        server: &mut Process,
         progress: &dyn Fn(&str),
     ) -> Result<Run> {
         let mut run = Run {
@@ -148,8 +152,8 @@ impl Bench {
         // from here on the peak is the peak under load.
         let mut startup = 0;
         for &pid in serving {
-            startup += netns::rss_kib(pid)?.0;
-            netns::reset_peak_rss(pid)?;
+            startup += usage::memory(pid)?.peak_kib;
+            usage::reset_peak_memory(pid)?;
         }
         run.extra
             .push(("startup_peak_rss_mib", startup as f64 / 1024.0));
@@ -233,9 +237,9 @@ impl Bench {
 
         let (mut peak, mut now) = (0, 0);
         for &pid in serving {
-            let (p, n) = netns::rss_kib(pid)?;
-            peak += p;
-            now += n;
+            let memory = usage::memory(pid)?;
+            peak += memory.peak_kib;
+            now += memory.current_kib;
         }
         let mib = |kib: u64| kib as f64 / 1024.0;
         run.figures.push((Metric::RssMib, mib(peak)));
@@ -247,57 +251,57 @@ impl Bench {
             mib(startup)
         );
         if contender == Contender::Nginx {
-            let (master, _) = netns::rss_kib(pids[0])?;
+            let master = usage::memory(pids[0])?.peak_kib;
             run.extra.push(("nginx_master_peak_rss_mib", mib(master)));
             line += &format!(", worker only; master {:.1} MiB", mib(master));
         }
         progress(&line);
-        server.check_alive()?;
+        server.check_running()?;
         Ok(run)
     }
 
     /// Runs `f` and returns its result with the server's CPU time spent meanwhile.
-    pub fn with_cpu<T>(&self, server: &Server, f: impl FnOnce() -> Result<T>) -> Result<(T, Cpu)> {
+    pub fn with_cpu<T>(&self, server: &Process, f: impl FnOnce() -> Result<T>) -> Result<(T, Cpu)> {
         let pids = server.pids();
         let start = Instant::now();
-        let (user0, system0) = netns::cpu_seconds(&pids, self.ticks)?;
+        let before = usage::cpu_time(&pids)?;
         let value = f()?;
-        let (user1, system1) = netns::cpu_seconds(&pids, self.ticks)?;
+        let after = usage::cpu_time(&pids)?;
         let cpu = Cpu {
-            user: user1 - user0,
-            system: system1 - system0,
+            user: after.user_seconds - before.user_seconds,
+            system: after.system_seconds - before.system_seconds,
             wall: start.elapsed().as_secs_f64(),
         };
         Ok((value, cpu))
     }
 
-    fn wrk(&self, ns: &Netns, url: &str, seconds: u64) -> Result<Throughput> {
-        let mut cmd = ns.pinned(self.client_cpu, "wrk");
+    fn wrk(&self, ns: &NetNs, url: &str, seconds: u64) -> Result<Throughput> {
+        let mut cmd = pinned(ns, self.client_cpu, "wrk");
         cmd.args(load::wrk_args(url, self.connections, seconds));
-        load::parse_wrk(&netns::output(&mut cmd)?).context("reading wrk's report")
+        load::parse_wrk(&command::output(&mut cmd)?).context("reading wrk's report")
     }
 
-    fn h2load(&self, ns: &Netns) -> Result<Throughput> {
-        let mut cmd = ns.pinned(self.client_cpu, "h2load");
+    fn h2load(&self, ns: &NetNs) -> Result<Throughput> {
+        let mut cmd = pinned(ns, self.client_cpu, "h2load");
         cmd.args(load::h2load_args(
             "https://127.0.0.1/",
             self.h2_connections,
             self.h2_streams,
             self.seconds,
         ));
-        load::parse_h2load(&netns::output(&mut cmd)?).context("reading h2load's report")
+        load::parse_h2load(&command::output(&mut cmd)?).context("reading h2load's report")
     }
 
     /// Full handshakes with `openssl s_time -new`, several in parallel on the client core:
     /// the handshakes completed and their rate.
-    pub fn handshakes(&self, ns: &Netns) -> Result<(u64, f64)> {
+    pub fn handshakes(&self, ns: &NetNs) -> Result<(u64, f64)> {
         self.s_time(ns, self.handshake_clients, self.seconds, "-new")
     }
 
     /// `clients` parallel `openssl s_time` for `seconds`, with `-new` or `-reuse`.
     pub fn s_time(
         &self,
-        ns: &Netns,
+        ns: &NetNs,
         clients: usize,
         seconds: u64,
         mode: &str,
@@ -305,7 +309,7 @@ impl Bench {
         let start = Instant::now();
         let children = (0..clients)
             .map(|_| {
-                let mut cmd = ns.pinned(self.client_cpu, "openssl");
+                let mut cmd = pinned(ns, self.client_cpu, "openssl");
                 cmd.args(
                     load::s_time_args(seconds)
                         .iter()
@@ -342,7 +346,7 @@ impl Bench {
 
 /// Checks the contender gives the proxy's answer: `GET /` over h2 → 200 `Hello SRE!` as
 /// `text/plain; charset=utf-8`, and plain HTTP → 308 to the same path over https.
-fn check_answer(ns: &Netns) -> Result<()> {
+fn check_answer(ns: &NetNs) -> Result<()> {
     let h2 = curl(
         ns,
         &[
@@ -383,20 +387,23 @@ fn answer_problems(h2: &str, body: &str, redirect: &str) -> Vec<String> {
 }
 
 /// `curl -sk ARGS URL` in `ns`, its standard output.
-fn curl(ns: &Netns, args: &[&str], url: &str) -> Result<String> {
+fn curl(ns: &NetNs, args: &[&str], url: &str) -> Result<String> {
     let mut cmd = ns.command("curl");
     cmd.args(["-sk", "--max-time", "5"]).args(args).arg(url);
-    netns::output(&mut cmd)
+    Ok(command::output(&mut cmd)?)
 }
 
-/// The value of `proxy_ebpf_attached{program="sock_ops"}` in a metrics page.
-fn ebpf_attached(metrics: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(r#"proxy_ebpf_attached{program="sock_ops"}"#)?
-            .trim()
-            .parse()
-            .ok()
-    })
+/// `program` run inside `ns` and pinned to `cpu` (nsenter and taskset both exec, so the
+/// child's pid is the program's).
+pub fn pinned(ns: &NetNs, cpu: usize, program: &str) -> Command {
+    let mut cmd = ns.command("taskset");
+    cmd.args(["-c", &cpu.to_string(), program]);
+    cmd
+}
+
+/// Starts a server with its output to `log`; stopped with SIGTERM (then SIGKILL) when dropped.
+fn start_server(label: &str, cmd: &mut Command, log: &Path) -> Result<Process> {
+    Ok(Process::spawn(label, cmd, log)?.stop_with_sigterm(STOP_GRACE))
 }
 
 /// CPU time a server spent during a run, in seconds.
@@ -424,15 +431,15 @@ impl Cpu {
 }
 
 /// Waits until `GET /` over TLS answers 200 in `ns`.
-fn wait_ready(ns: &Netns, server: &mut Server) -> Result<()> {
-    netns::wait_until(server, Duration::from_secs(15), || {
+fn wait_ready(ns: &NetNs, server: &mut Process) -> Result<()> {
+    Ok(server.wait_ready(READY_TIMEOUT, || {
         curl(
             ns,
             &["-o", "/dev/null", "-w", "%{http_code}"],
             "https://127.0.0.1/",
         )
         .is_ok_and(|code| code == "200")
-    })
+    })?)
 }
 
 fn errors_note(errors: u64) -> String {
@@ -464,16 +471,6 @@ mod tests {
             answer_problems(h2, "Hello SRE!\n", "301 https://127.0.0.1/a?b=1").len(),
             2,
         );
-    }
-
-    #[test]
-    fn reads_ebpf_attached() {
-        let page = "# TYPE proxy_ebpf_attached gauge\n\
-            proxy_ebpf_attached{program=\"sock_ops\"} 1\n\
-            proxy_ebpf_attached{program=\"tcp_receive_reset\"} 0\n";
-        check(ebpf_attached(page), Some(1.0));
-        check(ebpf_attached(&page.replace("} 1", "} 0")), Some(0.0));
-        check(ebpf_attached("proxy_up 1\n"), None);
     }
 
     #[test]

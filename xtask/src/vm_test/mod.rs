@@ -19,15 +19,15 @@ mod lab;
 
 use std::cell::RefCell;
 use std::fs;
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
+use proxy_testkit::Metrics;
+use proxy_testkit::phase::{self, Phase};
 
-use crate::phase::{self, Phase};
-use crate::{deps, ebpf, exec::exec, privilege, workspace};
+use crate::{deps, ebpf, exec, exec::exec, privilege, workspace};
 use lab::Lab;
 
 /// Options of `cargo xtask vm-test`.
@@ -258,7 +258,10 @@ fn check_appliance(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
     );
     println!("ok: CA fingerprint {fingerprint} matches the one provisioning printed");
 
-    let https = curl(&["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"])?;
+    let https = curl(
+        lab,
+        &["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"],
+    )?;
     ensure!(
         https.status == 200
             && https.body == "Hello SRE!"
@@ -269,7 +272,8 @@ fn check_appliance(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
         "ok: https://localhost:8443/ -> 200 {} {:?}",
         https.content_type, https.body
     );
-    let untrusted = lab::in_netns("curl")
+    let untrusted = lab
+        .command("curl")
         .args(["-sS", "-o", "/dev/null", "https://localhost:8443/"])
         .stderr(Stdio::null())
         .status()?;
@@ -279,7 +283,7 @@ fn check_appliance(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
     );
     println!("ok: without the CA, curl refuses the certificate ({untrusted})");
 
-    let redirect = curl(&["http://localhost:8080/status?probe=1"])?;
+    let redirect = curl(lab, &["http://localhost:8080/status?probe=1"])?;
     ensure!(
         redirect.status == 308 && redirect.location == "https://localhost:8443/status?probe=1",
         "http://localhost:8080/status?probe=1 answered {redirect:?}"
@@ -290,25 +294,24 @@ fn check_appliance(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
     );
 
     let before = guest_metrics(lab)?;
-    let attached: Vec<_> = before.matching("proxy_ebpf_attached");
+    let attached: Vec<String> = before
+        .named("proxy_ebpf_attached")
+        .map(ToString::to_string)
+        .collect();
     ensure!(
-        !attached.is_empty() && attached.iter().all(|(_, v)| *v == 1.0),
+        !attached.is_empty() && before.named("proxy_ebpf_attached").all(|s| s.value == 1.0),
         "the kernel observer is not attached in the VM: {attached:?}"
     );
-    println!(
-        "ok: {}",
-        attached
-            .iter()
-            .map(|(l, v)| format!("proxy_ebpf_attached{l} {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    println!("ok: {}", attached.join(", "));
     for _ in 0..HTTPS_REQUESTS {
-        let resp = curl(&["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"])?;
+        let resp = curl(
+            lab,
+            &["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"],
+        )?;
         ensure!(resp.status == 200, "https request answered {resp:?}");
     }
     for _ in 0..HTTP_REQUESTS {
-        let resp = curl(&["http://localhost:8080/"])?;
+        let resp = curl(lab, &["http://localhost:8080/"])?;
         ensure!(resp.status == 308, "http request answered {resp:?}");
     }
     let expected = [("443", HTTPS_REQUESTS), ("80", HTTP_REQUESTS)];
@@ -319,7 +322,11 @@ fn check_appliance(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
             .iter()
             .map(|(port, _)| {
                 let key = "proxy_tcp_connections_total";
-                (*port, after.port(key, port) - before.port(key, port))
+                let labels = [("port", *port)];
+                (
+                    *port,
+                    after.value(key, &labels) - before.value(key, &labels),
+                )
             })
             .collect();
         let reached = deltas
@@ -344,8 +351,8 @@ fn check_appliance(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
 
     let started = Instant::now();
     loop {
-        let up = prometheus_query("up{job=\"proxy\"}")?;
-        let kernel = prometheus_query("proxy_tcp_connections_total{port=\"443\"}")?;
+        let up = prometheus_query(lab, "up{job=\"proxy\"}")?;
+        let kernel = prometheus_query(lab, "proxy_tcp_connections_total{port=\"443\"}")?;
         if up == Some(1.0) && kernel.is_some_and(|v| v > 0.0) {
             println!(
                 "ok: Prometheus (localhost:9091) has the proxy target up and its kernel metrics ({} connections on :443)",
@@ -359,7 +366,7 @@ fn check_appliance(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
         );
         std::thread::sleep(Duration::from_secs(5));
     }
-    let ready = curl(&["http://localhost:9093/-/ready"])?;
+    let ready = curl(lab, &["http://localhost:9093/-/ready"])?;
     ensure!(
         ready.status == 200,
         "Alertmanager (localhost:9093) is not ready: {ready:?}"
@@ -377,9 +384,10 @@ struct Answer {
 }
 
 /// One request with curl in the test's namespace (the host side of the forwards).
-fn curl(args: &[&str]) -> Result<Answer> {
+fn curl(lab: &Lab, args: &[&str]) -> Result<Answer> {
     const MARK: &str = "\n--curl-write-out--\n";
-    let out = lab::in_netns("curl")
+    let out = lab
+        .command("curl")
         .args(["-sS", "--max-time", "30", "-w"])
         .arg(format!(
             "{MARK}%{{http_code}}\t%{{content_type}}\t%{{redirect_url}}"
@@ -405,8 +413,9 @@ fn curl(args: &[&str]) -> Result<Answer> {
 }
 
 /// The value of a one-series Prometheus query, through the forwarded port.
-fn prometheus_query(query: &str) -> Result<Option<f64>> {
-    let out = lab::in_netns("curl")
+fn prometheus_query(lab: &Lab, query: &str) -> Result<Option<f64>> {
+    let out = lab
+        .command("curl")
         .args([
             "-sS",
             "--max-time",
@@ -429,41 +438,10 @@ fn prometheus_query(query: &str) -> Result<Option<f64>> {
 
 /// The proxy's own metrics inside the VM (the admin port is not forwarded).
 fn guest_metrics(lab: &Lab) -> Result<Metrics> {
-    Ok(Metrics(ssh(
+    Ok(Metrics::parse(&ssh(
         lab,
         "curl -fsS http://127.0.0.1:9090/metrics",
     )?))
-}
-
-struct Metrics(String);
-
-impl Metrics {
-    /// Every sample of `name`: its label set as written and its value.
-    fn matching(&self, name: &str) -> Vec<(String, f64)> {
-        self.0
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let labels = series.strip_prefix(name)?;
-                // Not a longer name that starts with this one.
-                if !labels.is_empty() && !labels.starts_with('{') {
-                    return None;
-                }
-                Some((labels.to_owned(), value.parse().ok()?))
-            })
-            .collect()
-    }
-
-    /// The sample of `name` with `port="<port>"`, 0 when there is none yet.
-    fn port(&self, name: &str, port: &str) -> f64 {
-        let label = format!("port=\"{port}\"");
-        self.matching(name)
-            .into_iter()
-            .filter(|(labels, _)| labels.contains(&label))
-            .map(|(_, v)| v)
-            .sum()
-    }
 }
 
 /// Runs `command` in the VM with `vagrant ssh`; returns its standard output.
@@ -507,26 +485,13 @@ fn strip_vagrant_prefix(line: &str) -> &str {
     line.split_once(": ").map_or(line, |(_, rest)| rest)
 }
 
-/// Prints the command's output as it comes and returns it; fails like [`exec`].
+/// Prints the command's output as it comes and returns its standard output; fails like
+/// [`exec`].
 fn capture(cmd: &mut Command) -> Result<String> {
-    let line = crate::exec::display(cmd);
-    println!("$ {line}");
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("failed to start `{line}`"))?;
-    let mut log = String::new();
-    for text in BufReader::new(child.stdout.take().context("stdout")?).lines() {
-        let text = text?;
-        println!("{text}");
-        log.push_str(&text);
-        log.push('\n');
-    }
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("`{line}` failed: {status}");
-    }
-    Ok(log)
+    let line = exec::display(cmd);
+    let teed = exec::tee(cmd)?;
+    ensure!(teed.status.success(), "`{line}` failed: {}", teed.status);
+    Ok(teed.stdout.iter().map(|l| format!("{l}\n")).collect())
 }
 
 /// The Debian mirror this host uses (the guest is let through to it, and only to it).
@@ -574,19 +539,5 @@ mod tests {
             normalise_fingerprint(" ab:CD:01\n"),
             normalise_fingerprint("AB CD 01")
         );
-    }
-
-    #[test]
-    fn reads_metrics_by_port() {
-        let m = Metrics(
-            "# HELP x\nproxy_tcp_connections_total{port=\"443\"} 7\n\
-             proxy_tcp_connections_total{port=\"80\"} 2\nproxy_tcp_connections_totally 9\n\
-             proxy_ebpf_attached{program=\"sock_ops\"} 1\n"
-                .into(),
-        );
-        assert_eq!(m.port("proxy_tcp_connections_total", "443"), 7.0);
-        assert_eq!(m.port("proxy_tcp_connections_total", "80"), 2.0);
-        assert_eq!(m.port("proxy_tcp_connections_total", "8443"), 0.0);
-        assert_eq!(m.matching("proxy_ebpf_attached").len(), 1);
     }
 }
