@@ -21,7 +21,7 @@ use std::{
     fs,
     path::Path,
     process::{Command, ExitCode},
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -202,11 +202,9 @@ fn run(opts: Options) -> Result<()> {
         println!("load-generator errors: {}", errors.join(", "));
     }
 
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (stamp, iso) = report::utc(now);
+    // `2026-11-28T04:50:00Z`, and `20261128T045000Z` for the file name.
+    let iso = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let stamp = iso.replace(['-', ':'], "");
     let mut json = results.json();
     json["started"] = json!(iso);
     json["command"] = json!(command_line());

@@ -456,27 +456,6 @@ fn times(r: f64) -> String {
     format!("{r:.2}×")
 }
 
-/// A Unix time as UTC: `(20261128T045000Z, 2026-11-28T04:50:00Z)`.
-pub fn utc(unix_seconds: u64) -> (String, String) {
-    let days = (unix_seconds / 86_400) as i64;
-    let secs = unix_seconds % 86_400;
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    (
-        format!("{y:04}{mo:02}{d:02}T{h:02}{m:02}{s:02}Z"),
-        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z"),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,18 +522,6 @@ mod tests {
             "0.67".to_owned(),
         );
         check(times(0.6251), "0.63×".to_owned());
-    }
-
-    #[test]
-    fn converts_unix_time() {
-        check(
-            utc(0),
-            ("19700101T000000Z".into(), "1970-01-01T00:00:00Z".into()),
-        );
-        check(
-            utc(1_709_210_096),
-            ("20240229T123456Z".into(), "2024-02-29T12:34:56Z".into()),
-        );
     }
 
     #[test]
