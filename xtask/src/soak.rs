@@ -37,7 +37,7 @@ const FIGURE_PREFIX: &str = "SOAK-FIGURE ";
 
 /// Options of `cargo xtask soak`.
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Seconds of fuzzing per target.
     #[arg(long, default_value_t = 60)]
     pub fuzz_seconds: u32,
@@ -52,7 +52,7 @@ struct Check {
 }
 
 /// Runs every check, prints the table, and fails if any check failed.
-pub fn soak(Options { fuzz_seconds }: Options) -> ExitCode {
+pub(crate) fn soak(Options { fuzz_seconds }: Options) -> ExitCode {
     let started = Instant::now();
     let mut checks = Vec::new();
     step(

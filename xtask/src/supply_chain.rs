@@ -15,7 +15,7 @@ const CARGO_DENY_VERSION: &str = "0.20.2";
 const DB_DIR: &str = "advisory-db-3157b0e258782691";
 
 /// Installs cargo-deny if needed, prepares the advisory snapshot, and runs every check.
-pub fn check() -> Result<()> {
+pub(crate) fn check() -> Result<()> {
     crate::exec::ensure_cargo_tool("deny", "cargo-deny", CARGO_DENY_VERSION)?;
     prepare_advisory_db()?;
     // Every platform's crates must be present for `cargo metadata` before going offline.
@@ -90,7 +90,10 @@ fn copy_dir(from: &Path, to: &PathBuf) -> Result<()> {
                 .with_context(|| format!("copying to {}", target.display()))?;
             // The snapshot is read-only; git needs to own its copy.
             let mut permissions = std::fs::metadata(&target)?.permissions();
-            #[allow(clippy::permissions_set_readonly_false)] // our own copy, in target/
+            #[expect(
+                clippy::permissions_set_readonly_false,
+                reason = "our copy in target/, which git must rewrite; world-writable is harmless there"
+            )]
             permissions.set_readonly(false);
             std::fs::set_permissions(&target, permissions)?;
         }

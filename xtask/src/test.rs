@@ -10,7 +10,7 @@ use crate::{deps, ebpf, exec::exec, fuzz, pypi, supply_chain, workspace};
 
 /// Options of `cargo xtask test`.
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// A fast loop while editing: skip the system packages and clippy, and let end-to-end
     /// tests skip (loudly) when they cannot run instead of failing.
     #[arg(long)]
@@ -19,7 +19,7 @@ pub struct Options {
 
 /// The system packages, Python tools and BPF toolchain the tests need (installed when this is
 /// Debian and we are root).
-pub fn ensure_dependencies() -> anyhow::Result<()> {
+pub(crate) fn ensure_dependencies() -> anyhow::Result<()> {
     deps::ensure()?;
     pypi::ensure()?;
     ebpf::ensure_tracefs()?;
@@ -27,7 +27,7 @@ pub fn ensure_dependencies() -> anyhow::Result<()> {
 }
 
 /// Runs the phases; fails at the first failing one, after printing the summary.
-pub fn test(Options { quick }: Options) -> ExitCode {
+pub(crate) fn test(Options { quick }: Options) -> ExitCode {
     let proxy_bin = workspace::proxy_bin(false);
     let phases = vec![
         if quick {

@@ -17,7 +17,7 @@ use super::{
 };
 
 /// Runs the check in fresh namespaces; fails when `s_time -new` was resumed anywhere.
-pub fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) -> Result<Value> {
+pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) -> Result<Value> {
     println!("==> checking on the servers that the handshake runs are full handshakes");
     let ns = fresh_ns()?;
     let log = bench.dir.join("proxy-rustls-trace.log");

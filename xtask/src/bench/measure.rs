@@ -26,7 +26,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Everything a measurement needs, fixed for the whole benchmark.
 #[derive(Debug)]
-pub struct Bench {
+pub(super) struct Bench {
     pub proxy: PathBuf,
     pub nginx: Option<(PathBuf, (u32, u32, u32))>,
     /// The temporary directory: state, logs, nginx prefixes.
@@ -42,13 +42,13 @@ pub struct Bench {
 
 impl Bench {
     /// The proxy's state directory: its CA and the leaf both servers present.
-    pub fn state_dir(&self) -> PathBuf {
+    pub(super) fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
     }
 
     /// Starts `contender` in `ns` and waits until it answers; checks the answer and, for the
     /// proxy, whether its eBPF program is attached as asked.
-    pub fn start(&self, contender: Contender, ns: &NetNs) -> Result<Process> {
+    pub(super) fn start(&self, contender: Contender, ns: &NetNs) -> Result<Process> {
         let mut server = match contender {
             Contender::Nginx => self.start_nginx(ns)?,
             Contender::AccessLog => {
@@ -87,7 +87,13 @@ impl Bench {
     /// The proxy with `--ebpf ebpf`, `PROXY_LOG=filter` and its standard error to `log`, ready.
     /// The access log costs a line per request: the bench runs it off (`warn`) except in the
     /// access-log run (`info`, to /dev/null: formatting and the write calls, not a disk).
-    pub fn start_proxy(&self, ns: &NetNs, ebpf: &str, filter: &str, log: &Path) -> Result<Process> {
+    pub(super) fn start_proxy(
+        &self,
+        ns: &NetNs,
+        ebpf: &str,
+        filter: &str,
+        log: &Path,
+    ) -> Result<Process> {
         let mut cmd = pinned(ns, self.server_cpu, &self.proxy.to_string_lossy());
         cmd.arg("serve")
             .arg("--state-dir")
@@ -101,7 +107,12 @@ impl Bench {
 
     /// nginx with the configuration of [`nginx::config`] (a resumption log when `log` is
     /// given) in its own prefix directory, ready.
-    pub fn start_nginx_with(&self, ns: &NetNs, name: &str, log: Option<&Path>) -> Result<Process> {
+    pub(super) fn start_nginx_with(
+        &self,
+        ns: &NetNs,
+        name: &str,
+        log: Option<&Path>,
+    ) -> Result<Process> {
         let (bin, version) = self.nginx.as_ref().context("nginx is not available")?;
         let dir = self.dir.join(name);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -125,7 +136,7 @@ impl Bench {
     }
 
     /// Runs the scenarios of `contender` against `server`; `progress` gets one line each.
-    pub fn measure(
+    pub(super) fn measure(
         &self,
         contender: Contender,
         rep: usize,
@@ -261,7 +272,11 @@ impl Bench {
     }
 
     /// Runs `f` and returns its result with the server's CPU time spent meanwhile.
-    pub fn with_cpu<T>(&self, server: &Process, f: impl FnOnce() -> Result<T>) -> Result<(T, Cpu)> {
+    pub(super) fn with_cpu<T>(
+        &self,
+        server: &Process,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Cpu)> {
         let pids = server.pids();
         let start = Instant::now();
         let before = usage::cpu_time(&pids)?;
@@ -294,12 +309,12 @@ impl Bench {
 
     /// Full handshakes with `openssl s_time -new`, several in parallel on the client core:
     /// the handshakes completed and their rate.
-    pub fn handshakes(&self, ns: &NetNs) -> Result<(u64, f64)> {
+    pub(super) fn handshakes(&self, ns: &NetNs) -> Result<(u64, f64)> {
         self.s_time(ns, self.handshake_clients, self.seconds, "-new")
     }
 
     /// `clients` parallel `openssl s_time` for `seconds`, with `-new` or `-reuse`.
-    pub fn s_time(
+    pub(super) fn s_time(
         &self,
         ns: &NetNs,
         clients: usize,
@@ -395,7 +410,7 @@ fn curl(ns: &NetNs, args: &[&str], url: &str) -> Result<String> {
 
 /// `program` run inside `ns` and pinned to `cpu` (nsenter and taskset both exec, so the
 /// child's pid is the program's).
-pub fn pinned(ns: &NetNs, cpu: usize, program: &str) -> Command {
+pub(super) fn pinned(ns: &NetNs, cpu: usize, program: &str) -> Command {
     let mut cmd = ns.command("taskset");
     cmd.args(["-c", &cpu.to_string(), program]);
     cmd
@@ -408,7 +423,7 @@ fn start_server(label: &str, cmd: &mut Command, log: &Path) -> Result<Process> {
 
 /// CPU time a server spent during a run, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Cpu {
+pub(super) struct Cpu {
     pub user: f64,
     pub system: f64,
     pub wall: f64,
@@ -416,7 +431,7 @@ pub struct Cpu {
 
 impl Cpu {
     /// User plus system time per event, in microseconds.
-    pub fn per_event_us(self, events: u64) -> f64 {
+    pub(super) fn per_event_us(self, events: u64) -> f64 {
         if events == 0 {
             f64::NAN
         } else {
@@ -425,7 +440,7 @@ impl Cpu {
     }
 
     /// How much of one core the server used: near 1 when it was the bottleneck.
-    pub fn core_share(self) -> f64 {
+    pub(super) fn core_share(self) -> f64 {
         (self.user + self.system) / self.wall
     }
 }

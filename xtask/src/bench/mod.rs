@@ -37,7 +37,7 @@ const NETNS_PREFIX: &str = "xtask-bench";
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Two repetitions of 3-second runs (about two minutes) instead of 5 of 8 seconds.
     #[arg(long)]
     pub quick: bool,
@@ -85,7 +85,7 @@ const TOOLS: &[&str] = &[
 
 /// Runs the benchmark; prints the error and fails on the first problem (the guards stop every
 /// server and delete every namespace on the way out).
-pub fn bench(opts: Options) -> ExitCode {
+pub(crate) fn bench(opts: Options) -> ExitCode {
     match run(opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -32,7 +32,7 @@ use lab::Lab;
 
 /// Options of `cargo xtask vm-test`.
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Where the base box, the VM's disk state and logs are kept between runs.
     #[arg(long, default_value = "/var/tmp/proxy-vm-test")]
     pub work_dir: PathBuf,
@@ -69,7 +69,7 @@ const HTTP_REQUESTS: u64 = 3;
 const VM_LIMIT: Duration = Duration::from_secs(40 * 60);
 const SSH_LIMIT: Duration = Duration::from_secs(180);
 
-pub fn vm_test(opts: Options) -> ExitCode {
+pub(crate) fn vm_test(opts: Options) -> ExitCode {
     if !privilege::is_root() {
         eprintln!("error: the VM test needs root (libvirt, network namespaces, loop devices)");
         return ExitCode::FAILURE;
