@@ -120,33 +120,33 @@ impl TestEnv {
 
 /// Whether namespace tests can run; prints SKIPPED or panics (with `PROXY_E2E_REQUIRE=1`) if not.
 pub fn can_use_netns(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("PROXY_E2E_REQUIRE").as_deref() == Ok("1") {
-        panic!(
-            "{test}: needs root for network namespaces, and PROXY_E2E_REQUIRE=1 forbids skipping"
-        );
-    }
-    eprintln!("\n*** SKIPPED {test}: needs root for network namespaces ***\n");
-    false
+    nix::unistd::geteuid().is_root() || skip(test, "needs root for network namespaces")
 }
 
-/// Whether `program` is on `PATH`. When it is not, prints a loud SKIPPED line naming the
-/// Debian `package` that provides it, or panics under `PROXY_E2E_REQUIRE=1`.
-pub fn require_tool(test: &str, program: &str, package: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
-    if found {
-        return true;
-    }
+/// Whether `program` is on `PATH`. When it is not, prints a loud SKIPPED line saying how to
+/// `install` it (`apt-get install ...`), or panics under `PROXY_E2E_REQUIRE=1`.
+pub fn require_tool(test: &str, program: &str, install: &str) -> bool {
+    on_path(program)
+        || skip(
+            test,
+            &format!("needs `{program}` ({install}; `cargo xtask test` installs it)"),
+        )
+}
+
+/// Whether `program` is a file in one of the directories of `PATH`.
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Gives up on `test` for `reason`: panics under `PROXY_E2E_REQUIRE=1` (CI and `cargo xtask
+/// test`, where every test must run), else prints a loud SKIPPED line. Returns `false`, for
+/// `if !require_tool(..) { return; }`.
+pub fn skip(test: &str, reason: &str) -> bool {
     if std::env::var("PROXY_E2E_REQUIRE").as_deref() == Ok("1") {
-        panic!(
-            "{test}: needs `{program}` (Debian package {package}; `cargo xtask test` installs it), \
-             and PROXY_E2E_REQUIRE=1 forbids skipping"
-        );
+        panic!("{test}: {reason}, and PROXY_E2E_REQUIRE=1 forbids skipping");
     }
-    eprintln!("\n*** SKIPPED {test}: `{program}` is missing (apt-get install {package}) ***\n");
+    eprintln!("\n*** SKIPPED {test}: {reason} ***\n");
     false
 }
 

@@ -1,7 +1,7 @@
 //! Scrapes of the admin `/metrics` as the tests read them: the testkit's parser, plus the
 //! assertion that a sample is there, which names it and shows the whole scrape when it is not.
 
-pub use proxy_testkit::metrics::{Metrics, Sample};
+pub use proxy_testkit::metrics::Metrics;
 
 /// [`Metrics`] queries that fail the test.
 pub trait MetricsExt {

@@ -19,11 +19,6 @@ impl NetNs {
         )
     }
 
-    /// The namespace's name, as `ip netns` knows it.
-    pub fn name(&self) -> &str {
-        self.0.name()
-    }
-
     /// `program` run inside the namespace (through `nsenter`, which keeps the cgroup mount the
     /// proxy's eBPF program needs); add the program's arguments to the returned command.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {

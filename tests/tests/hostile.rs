@@ -301,7 +301,7 @@ fn slowloris_connections_are_closed_at_the_header_deadline_while_others_are_serv
     let Some(env) = TestEnv::new("slowloris") else {
         return;
     };
-    if !require_tool("slowloris", "slowhttptest", "slowhttptest") {
+    if !require_tool("slowloris", "slowhttptest", "apt-get install slowhttptest") {
         return;
     }
     let _alone = LATENCY_MEASURED
