@@ -15,38 +15,20 @@ use nix::unistd::Pid;
 pub enum CommandError {
     /// The program could not be started (missing, not executable).
     #[error("failed to start `{line}`: {source}")]
-    Start {
-        /// The command line.
-        line: String,
-        /// Why it could not start.
-        source: io::Error,
-    },
+    Start { line: String, source: io::Error },
     /// Waiting for the program or reading its output failed.
     #[error("waiting for `{line}`: {source}")]
-    Wait {
-        /// The command line.
-        line: String,
-        /// What went wrong.
-        source: io::Error,
-    },
-    /// It exited unsuccessfully.
+    Wait { line: String, source: io::Error },
+    /// It exited unsuccessfully; `stderr` is what it wrote there, trimmed.
     #[error("`{line}` failed: {status}: {stderr}")]
     Failed {
-        /// The command line.
         line: String,
-        /// Its exit status.
         status: ExitStatus,
-        /// What it wrote to stderr, trimmed.
         stderr: String,
     },
     /// It ran longer than allowed and was killed.
     #[error("`{line}` did not finish within {timeout:?}")]
-    TimedOut {
-        /// The command line.
-        line: String,
-        /// The time it was given.
-        timeout: Duration,
-    },
+    TimedOut { line: String, timeout: Duration },
 }
 
 /// Runs `cmd` with stdin closed and returns its standard output; fails unless it exits 0.

@@ -32,12 +32,7 @@ pub enum NetnsError {
     Command(#[from] CommandError),
     /// A thread could not move into the namespace.
     #[error("entering network namespace {name}: {source}")]
-    Enter {
-        /// The namespace.
-        name: String,
-        /// Why `setns` (or opening the namespace) failed.
-        source: io::Error,
-    },
+    Enter { name: String, source: io::Error },
     /// `/run/netns` could not be listed.
     #[error("listing {NETNS_DIR}: {0}")]
     List(io::Error),

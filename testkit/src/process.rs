@@ -29,56 +29,30 @@ const EXIT_TAIL_LINES: usize = 5;
 pub enum ProcessError {
     /// The log file could not be created.
     #[error("creating {}: {source}", path.display())]
-    Log {
-        /// The log file.
-        path: PathBuf,
-        /// Why it could not be created.
-        source: io::Error,
-    },
+    Log { path: PathBuf, source: io::Error },
     /// The program could not be started.
     #[error("failed to start `{line}`: {source}")]
-    Start {
-        /// The command line.
-        line: String,
-        /// Why it could not start.
-        source: io::Error,
-    },
+    Start { line: String, source: io::Error },
     /// Its state could not be read.
     #[error("waiting for {label}: {source}")]
-    Wait {
-        /// What the process is.
-        label: String,
-        /// What went wrong.
-        source: io::Error,
-    },
+    Wait { label: String, source: io::Error },
     /// A signal could not be delivered.
     #[error("sending {signal} to {label}: {source}")]
     Signal {
-        /// What the process is.
         label: String,
-        /// The signal.
         signal: Signal,
-        /// What the kernel said.
         source: Errno,
     },
-    /// It exited while it should be running.
+    /// It exited while it should be running; `tail` is the end of its log.
     #[error("{label} exited: {status}\n{tail}")]
     Exited {
-        /// What the process is.
         label: String,
-        /// How it ended.
         status: ExitStatus,
-        /// The last lines of its log.
         tail: String,
     },
     /// It did not become ready in time.
     #[error("{label} not ready after {timeout:?}")]
-    NotReady {
-        /// What the process is.
-        label: String,
-        /// The time it was given.
-        timeout: Duration,
-    },
+    NotReady { label: String, timeout: Duration },
 }
 
 /// A child process that is stopped when this guard is dropped.
