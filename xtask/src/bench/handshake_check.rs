@@ -11,10 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use proxy_testkit::{NetNs, command};
 use serde_json::{Value, json};
 
-use super::{
-    measure::{self, Bench},
-    nginx,
-};
+use super::{measure::Bench, nginx, servers::pinned};
 
 /// Runs the check in fresh namespaces; fails when `s_time -new` was resumed anywhere.
 pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) -> Result<Value> {
@@ -84,7 +81,7 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
 
 /// 100 requests over 2 connections that h2load re-opens after each `Connection: close`.
 fn h2load_reconnecting(ns: &NetNs, bench: &Bench) -> Result<()> {
-    let mut cmd = measure::pinned(ns, bench.client_cpu, "h2load");
+    let mut cmd = pinned(ns, bench.client_cpu, "h2load");
     cmd.args(["--h1", "-H", "Connection: close", "-n", "100", "-c", "2"])
         .arg("https://127.0.0.1/");
     command::output(&mut cmd)?;

@@ -1,28 +1,21 @@
-//! One contender in one repetition: start it in a fresh namespace pinned to the server core,
-//! check it gives the proxy's answer, then run every scenario against it with the load
-//! generator pinned to the client core, reading the server's CPU time around each run and its
-//! peak RSS at the end.
+//! One contender in one repetition, once [`super::servers`] has started it and checked its
+//! answer: every scenario run against it with the load generator pinned to the client core,
+//! the server's CPU time read around each run and its peak RSS at the end.
 
 use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
-use proxy_testkit::{Metrics, NetNs, Process, command, usage};
+use proxy_testkit::{NetNs, Process, command, usage};
 
 use super::{
-    load::{self, HOST, Throughput},
-    nginx,
+    load::{self, Throughput},
     report::{Contender, Metric, Run},
+    servers::pinned,
 };
-
-/// How long a server gets to start answering.
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a server gets to stop on SIGTERM before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Everything a measurement needs, fixed for the whole benchmark.
 #[derive(Debug)]
@@ -44,95 +37,6 @@ impl Bench {
     /// The proxy's state directory: its CA and the leaf both servers present.
     pub(super) fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
-    }
-
-    /// Starts `contender` in `ns` and waits until it answers; checks the answer and, for the
-    /// proxy, whether its eBPF program is attached as asked.
-    pub(super) fn start(&self, contender: Contender, ns: &NetNs) -> Result<Process> {
-        let mut server = match contender {
-            Contender::Nginx => self.start_nginx(ns)?,
-            Contender::AccessLog => {
-                self.start_proxy(ns, "required", "info", Path::new("/dev/null"))?
-            }
-            Contender::Attached | Contender::Detached => {
-                let ebpf = if contender == Contender::Attached {
-                    "required"
-                } else {
-                    "off"
-                };
-                let log = self.dir.join(format!("{}.log", contender.key()));
-                self.start_proxy(ns, ebpf, "warn", &log)?
-            }
-        };
-        wait_ready(ns, &mut server)?;
-        check_answer(ns).with_context(|| format!("{} answers differently", contender.label()))?;
-        if contender != Contender::Nginx {
-            let metrics = Metrics::parse(&curl(ns, &[], "http://127.0.0.1:9090/metrics")?);
-            let want = if contender == Contender::Detached {
-                0.0
-            } else {
-                1.0
-            };
-            let attached = metrics.get("proxy_ebpf_attached", &[("program", "sock_ops")]);
-            if attached != Some(want) {
-                bail!(
-                    "{}: proxy_ebpf_attached{{program=\"sock_ops\"}} is {attached:?}, expected {want}",
-                    contender.label()
-                );
-            }
-        }
-        Ok(server)
-    }
-
-    /// The proxy with `--ebpf ebpf`, `PROXY_LOG=filter` and its standard error to `log`, ready.
-    /// The access log costs a line per request: the bench runs it off (`warn`) except in the
-    /// access-log run (`info`, to /dev/null: formatting and the write calls, not a disk).
-    pub(super) fn start_proxy(
-        &self,
-        ns: &NetNs,
-        ebpf: &str,
-        filter: &str,
-        log: &Path,
-    ) -> Result<Process> {
-        let mut cmd = pinned(ns, self.server_cpu, &self.proxy.to_string_lossy());
-        cmd.arg("serve")
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .args(["--ebpf", ebpf, "--drain-timeout", "1s"])
-            .env("PROXY_LOG", filter);
-        let mut server = start_server("proxy", &mut cmd, log)?;
-        wait_ready(ns, &mut server)?;
-        Ok(server)
-    }
-
-    /// nginx with the configuration of [`nginx::config`] (a resumption log when `log` is
-    /// given) in its own prefix directory, ready.
-    pub(super) fn start_nginx_with(
-        &self,
-        ns: &NetNs,
-        name: &str,
-        log: Option<&Path>,
-    ) -> Result<Process> {
-        let (bin, version) = self.nginx.as_ref().context("nginx is not available")?;
-        let dir = self.dir.join(name);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let conf = nginx::config(&nginx::Settings {
-            dir: &dir,
-            state_dir: &self.state_dir(),
-            cpu: self.server_cpu,
-            version: *version,
-            resumption_log: log,
-        });
-        fs::write(dir.join("nginx.conf"), conf)?;
-        let mut cmd = pinned(ns, self.server_cpu, &bin.to_string_lossy());
-        cmd.args(nginx::args(&dir));
-        let mut server = start_server("nginx", &mut cmd, &dir.join("nginx.out"))?;
-        wait_ready(ns, &mut server)?;
-        Ok(server)
-    }
-
-    fn start_nginx(&self, ns: &NetNs) -> Result<Process> {
-        self.start_nginx_with(ns, "nginx", None)
     }
 
     /// Runs the scenarios of `contender` against `server`; `progress` gets one line each.
@@ -359,68 +263,6 @@ impl Bench {
     }
 }
 
-/// Checks the contender gives the proxy's answer: `GET /` over h2 → 200 `Hello SRE!` as
-/// `text/plain; charset=utf-8`, and plain HTTP → 308 to the same path over https.
-fn check_answer(ns: &NetNs) -> Result<()> {
-    let h2 = curl(
-        ns,
-        &[
-            "--http2",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_version} %{http_code} %{content_type}",
-        ],
-        "https://127.0.0.1/",
-    )?;
-    let body = curl(ns, &["--http1.1"], "https://127.0.0.1/")?;
-    let redirect = curl(
-        ns,
-        &["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}"],
-        "http://127.0.0.1/a?b=1",
-    )?;
-    let problems = answer_problems(&h2, &body, &redirect);
-    if !problems.is_empty() {
-        bail!("{}", problems.join("; "));
-    }
-    Ok(())
-}
-
-/// What differs from the proxy's answer, given curl's `-w` lines and the body.
-fn answer_problems(h2: &str, body: &str, redirect: &str) -> Vec<String> {
-    let mut problems = Vec::new();
-    if h2 != "2 200 text/plain; charset=utf-8" {
-        problems.push(format!("GET / over h2: {h2:?}"));
-    }
-    if body != "Hello SRE!" {
-        problems.push(format!("body {body:?}"));
-    }
-    if redirect != format!("308 https://{HOST}/a?b=1") {
-        problems.push(format!("plain HTTP: {redirect:?}"));
-    }
-    problems
-}
-
-/// `curl -sk ARGS URL` in `ns`, its standard output.
-fn curl(ns: &NetNs, args: &[&str], url: &str) -> Result<String> {
-    let mut cmd = ns.command("curl");
-    cmd.args(["-sk", "--max-time", "5"]).args(args).arg(url);
-    Ok(command::output(&mut cmd)?)
-}
-
-/// `program` run inside `ns` and pinned to `cpu` (nsenter and taskset both exec, so the
-/// child's pid is the program's).
-pub(super) fn pinned(ns: &NetNs, cpu: usize, program: &str) -> Command {
-    let mut cmd = ns.command("taskset");
-    cmd.args(["-c", &cpu.to_string(), program]);
-    cmd
-}
-
-/// Starts a server with its output to `log`; stopped with SIGTERM (then SIGKILL) when dropped.
-fn start_server(label: &str, cmd: &mut Command, log: &Path) -> Result<Process> {
-    Ok(Process::spawn(label, cmd, log)?.stop_with_sigterm(STOP_GRACE))
-}
-
 /// CPU time a server spent during a run, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Cpu {
@@ -445,18 +287,6 @@ impl Cpu {
     }
 }
 
-/// Waits until `GET /` over TLS answers 200 in `ns`.
-fn wait_ready(ns: &NetNs, server: &mut Process) -> Result<()> {
-    Ok(server.wait_ready(READY_TIMEOUT, || {
-        curl(
-            ns,
-            &["-o", "/dev/null", "-w", "%{http_code}"],
-            "https://127.0.0.1/",
-        )
-        .is_ok_and(|code| code == "200")
-    })?)
-}
-
 fn errors_note(errors: u64) -> String {
     if errors == 0 {
         String::new()
@@ -471,21 +301,6 @@ mod tests {
 
     fn check<T: PartialEq + std::fmt::Debug>(actual: T, expected: T) {
         assert_eq!(actual, expected);
-    }
-
-    #[test]
-    fn compares_answers() {
-        let h2 = "2 200 text/plain; charset=utf-8";
-        let redirect = "308 https://127.0.0.1/a?b=1";
-        check(answer_problems(h2, "Hello SRE!", redirect), vec![]);
-        check(
-            answer_problems("2 200 text/plain", "Hello SRE!", redirect),
-            vec![r#"GET / over h2: "2 200 text/plain""#.to_owned()],
-        );
-        check(
-            answer_problems(h2, "Hello SRE!\n", "301 https://127.0.0.1/a?b=1").len(),
-            2,
-        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod load;
 mod measure;
 mod nginx;
 mod report;
+mod servers;
 
 use std::{
     fs,
