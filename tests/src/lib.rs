@@ -23,19 +23,18 @@ pub mod monitoring;
 pub mod mounts;
 pub mod netns;
 pub mod process;
-pub mod tempdir;
 pub mod upstream;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use client::{Alpn, RawResp, Req, Resp, TlsInfo, TlsOptions};
-pub use metrics::Metrics;
+pub use metrics::{Metrics, MetricsExt};
 pub use netns::NetNs;
 pub use process::{Process, Proxy, proxy_bin, run_with_timeout};
-pub use tempdir::TempDir;
+pub use proxy_testkit::{TempDir, poll_until, usage};
 
 /// The proxy's HTTPS listener as seen from inside the namespace.
 pub const HTTPS: &str = "127.0.0.1:443";
@@ -62,7 +61,7 @@ impl TestEnv {
         }
         Some(TestEnv {
             ns: NetNs::new(),
-            dir: TempDir::new(test),
+            dir: scratch_dir(test),
         })
     }
 
@@ -121,33 +120,33 @@ impl TestEnv {
 
 /// Whether namespace tests can run; prints SKIPPED or panics (with `PROXY_E2E_REQUIRE=1`) if not.
 pub fn can_use_netns(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("PROXY_E2E_REQUIRE").as_deref() == Ok("1") {
-        panic!(
-            "{test}: needs root for network namespaces, and PROXY_E2E_REQUIRE=1 forbids skipping"
-        );
-    }
-    eprintln!("\n*** SKIPPED {test}: needs root for network namespaces ***\n");
-    false
+    nix::unistd::geteuid().is_root() || skip(test, "needs root for network namespaces")
 }
 
-/// Whether `program` is on `PATH`. When it is not, prints a loud SKIPPED line naming the
-/// Debian `package` that provides it, or panics under `PROXY_E2E_REQUIRE=1`.
-pub fn require_tool(test: &str, program: &str, package: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
-    if found {
-        return true;
-    }
+/// Whether `program` is on `PATH`. When it is not, prints a loud SKIPPED line saying how to
+/// `install` it (`apt-get install ...`), or panics under `PROXY_E2E_REQUIRE=1`.
+pub fn require_tool(test: &str, program: &str, install: &str) -> bool {
+    on_path(program)
+        || skip(
+            test,
+            &format!("needs `{program}` ({install}; `cargo xtask test` installs it)"),
+        )
+}
+
+/// Whether `program` is a file in one of the directories of `PATH`.
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Gives up on `test` for `reason`: panics under `PROXY_E2E_REQUIRE=1` (CI and `cargo xtask
+/// test`, where every test must run), else prints a loud SKIPPED line. Returns `false`, for
+/// `if !require_tool(..) { return; }`.
+pub fn skip(test: &str, reason: &str) -> bool {
     if std::env::var("PROXY_E2E_REQUIRE").as_deref() == Ok("1") {
-        panic!(
-            "{test}: needs `{program}` (Debian package {package}; `cargo xtask test` installs it), \
-             and PROXY_E2E_REQUIRE=1 forbids skipping"
-        );
+        panic!("{test}: {reason}, and PROXY_E2E_REQUIRE=1 forbids skipping");
     }
-    eprintln!("\n*** SKIPPED {test}: `{program}` is missing (apt-get install {package}) ***\n");
+    eprintln!("\n*** SKIPPED {test}: {reason} ***\n");
     false
 }
 
@@ -165,18 +164,12 @@ pub fn soak_figure(check: &str, figure: &str) {
     eprintln!("SOAK-FIGURE {test}\t{check}\t{figure}");
 }
 
-/// Polls `check` every 50 ms until it returns `Some`, or gives up after `timeout`.
-pub fn poll_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// A fresh directory `<tmp>/proxy-e2e-<name>-XXXXXX`, removed on drop unless the test failed
+/// or `PROXY_E2E_KEEP` is set (then kept for a post-mortem, and its path printed).
+pub fn scratch_dir(name: &str) -> TempDir {
+    TempDir::new(&format!("proxy-e2e-{name}-"))
+        .unwrap_or_else(|e| panic!("creating a temporary directory for {name}: {e}"))
+        .kept_when_set("PROXY_E2E_KEEP")
 }
 
 /// Runs a one-shot `proxy ARGS` command (no namespace needed), bounded to 30 s.

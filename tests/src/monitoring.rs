@@ -74,16 +74,7 @@ pub fn start_prometheus(ns: &NetNs, config: &Path, data: &Path, stderr: PathBuf)
         .arg(format!("--web.listen-address={PROMETHEUS}"))
         .arg(format!("--storage.tsdb.path={}", data.display()));
     let mut process = Process::spawn("prometheus", cmd, stderr);
-    process.wait_ready(|| {
-        ns.run(|| async {
-            raw_http(
-                PROMETHEUS,
-                b"GET /-/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            )
-            .await
-        })
-        .is_ok_and(|r| r.status == 200)
-    });
+    process.wait_ready(|| is_ready(ns, PROMETHEUS));
     process
 }
 
@@ -95,17 +86,21 @@ pub fn start_alertmanager(ns: &NetNs, config: &Path, data: &Path, stderr: PathBu
         .arg(format!("--storage.path={}", data.display()))
         .arg("--cluster.listen-address=");
     let mut process = Process::spawn("alertmanager", cmd, stderr);
-    process.wait_ready(|| {
-        ns.run(|| async {
-            raw_http(
-                ALERTMANAGER,
-                b"GET /-/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            )
-            .await
-        })
-        .is_ok_and(|r| r.status == 200)
-    });
+    process.wait_ready(|| is_ready(ns, ALERTMANAGER));
     process
+}
+
+/// Whether `GET /-/ready` on `addr` in `ns` answers 200 (Prometheus and Alertmanager both
+/// serve it).
+fn is_ready(ns: &NetNs, addr: &str) -> bool {
+    ns.run(|| async {
+        raw_http(
+            addr,
+            b"GET /-/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+    })
+    .is_ok_and(|r| r.status == 200)
 }
 
 /// Evaluates `expr` now; returns each series' labels (as `k="v"` text) and value.

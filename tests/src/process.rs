@@ -1,18 +1,19 @@
-//! The proxy (and its backend) as child processes: start inside a namespace, wait until ready,
-//! signal, and kill on drop; stderr is captured to a file and printed when a test fails.
+//! The proxy (and its backend) as child processes: started inside a namespace, waited for
+//! until ready, signalled, and killed on drop (the testkit's guard); their output is captured
+//! to a file and printed when a test fails. Also one-shot commands, bounded in time.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Output};
+use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use proxy_testkit::command;
+use proxy_testkit::process::ProcessError;
 
 use crate::client;
 use crate::netns::NetNs;
-use crate::{ADMIN, TlsOptions, poll_until};
+use crate::{ADMIN, TlsOptions};
 
 /// How long a proxy or backend gets to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -45,84 +46,45 @@ pub fn proxy_bin() -> PathBuf {
 
 /// Runs `cmd` to completion with captured output, killing it after `timeout`.
 pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
-    let shown = format!("{cmd:?}");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {shown}: {e}"));
-    let pid = Pid::from_raw(child.id() as i32);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("waiting for {shown}: {e}")),
-        Err(_) => {
-            let _ = kill(pid, Signal::SIGKILL);
-            panic!("{shown} did not finish within {timeout:?}")
-        }
-    }
+    command::output_within(&mut cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A child process with captured stderr; SIGKILLed and reaped on drop.
-pub struct Process {
-    label: String,
-    child: Child,
-    stderr_path: PathBuf,
-    exit: Option<ExitStatus>,
-}
+/// A child process with its output captured to a file; killed and reaped on drop (the
+/// testkit's guard, which also prints the end of the output when the test fails).
+pub struct Process(proxy_testkit::Process);
 
 impl Process {
-    /// Spawns `cmd` with stdin closed, stdout discarded and stderr written to `stderr_path`.
+    /// Spawns `cmd` with stdin closed and its output written to `stderr_path`.
     pub fn spawn(label: &str, mut cmd: Command, stderr_path: PathBuf) -> Process {
-        let stderr = File::create(&stderr_path)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", stderr_path.display()));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {label} ({cmd:?}): {e}"));
-        Process {
-            label: label.to_owned(),
-            child,
-            stderr_path,
-            exit: None,
-        }
+        Process(
+            proxy_testkit::Process::spawn(label, &mut cmd, &stderr_path)
+                .unwrap_or_else(|e| panic!("starting the {label}: {e}")),
+        )
     }
 
     /// The process id (`nsenter` execs the program, so this is the program itself).
     pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
+        self.0.pid()
     }
 
     /// Sends `sig` to the process.
     pub fn signal(&self, sig: Signal) {
-        kill(self.pid(), sig)
-            .unwrap_or_else(|e| panic!("sending {sig} to the {}: {e}", self.label));
+        self.0.signal(sig).unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// Everything the process wrote to stderr so far.
+    /// Everything the process wrote so far.
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        self.0.log()
     }
 
     /// The exit status, if it has exited.
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = self
-                .child
-                .try_wait()
-                .unwrap_or_else(|e| panic!("waiting for the {}: {e}", self.label));
-        }
-        self.exit
+        self.0.try_exit().unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        poll_until(timeout, || self.try_exit())
+        self.0.wait_exit(timeout).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Panics, showing stderr, if the process has exited.
@@ -130,46 +92,23 @@ impl Process {
         if let Some(status) = self.try_exit() {
             panic!(
                 "{context}: the {} exited ({status}); its stderr:\n{}",
-                self.label,
+                self.0.label(),
                 self.stderr()
             );
         }
     }
 
     /// Polls `ready` until it holds, panicking with stderr if the process dies or times out.
-    pub fn wait_ready(&mut self, mut ready: impl FnMut() -> bool) {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            self.assert_running("while waiting for readiness");
-            if ready() {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "the {} was not ready within {READY_TIMEOUT:?}; its stderr:\n{}",
-                    self.label,
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if self.try_exit().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            let stderr = self.stderr();
-            let tail = &stderr[stderr.len().saturating_sub(6000)..];
-            let tail = tail.trim_start_matches(|c: char| !c.is_ascii());
-            eprintln!(
-                "----- {} stderr (last 6000 bytes) -----\n{tail}\n-----",
-                self.label
-            );
+    pub fn wait_ready(&mut self, ready: impl FnMut() -> bool) {
+        match self.0.wait_ready(READY_TIMEOUT, ready) {
+            Ok(()) => {}
+            Err(ProcessError::Exited { .. }) => self.assert_running("while waiting for readiness"),
+            Err(ProcessError::NotReady { .. }) => panic!(
+                "the {} was not ready within {READY_TIMEOUT:?}; its stderr:\n{}",
+                self.0.label(),
+                self.stderr()
+            ),
+            Err(e) => panic!("{e}"),
         }
     }
 }

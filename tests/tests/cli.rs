@@ -7,7 +7,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use proxy_e2e::{
-    TempDir, TestEnv, path_str, proxy_bin, proxy_cmd, proxy_cmd_ok, read, run_with_timeout,
+    TestEnv, path_str, proxy_bin, proxy_cmd, proxy_cmd_ok, read, run_with_timeout, scratch_dir,
 };
 
 /// Runs `proxy check ARGS` inside the test's namespace (so nothing it might bind collides).
@@ -155,7 +155,7 @@ fn check_accepts_good_config_and_names_what_is_wrong() {
 
 #[test]
 fn ca_export_prints_the_pem_and_its_sha256_fingerprint() {
-    let dir = TempDir::new("export");
+    let dir = scratch_dir("export");
     let state = dir.path().join("state");
     proxy_cmd_ok(&[
         "ca",
@@ -199,7 +199,7 @@ fn ca_export_prints_the_pem_and_its_sha256_fingerprint() {
 
 #[test]
 fn ca_init_keeps_keys_private_and_refuses_to_overwrite() {
-    let dir = TempDir::new("init");
+    let dir = scratch_dir("init");
     let state = dir.path().join("state");
     proxy_cmd_ok(&[
         "ca",
@@ -273,4 +273,50 @@ fn json_log_format_is_one_object_per_line() {
         ready |= line.contains("proxy ready");
     }
     assert!(ready, "no \"proxy ready\" JSON line on stderr:\n{stderr}");
+}
+
+/// The README's table of settings shows the defaults `proxy serve --help` shows, which come
+/// from the one place each setting is declared.
+#[test]
+fn readme_defaults_match_serve_help() {
+    let help = String::from_utf8_lossy(&proxy_cmd_ok(&["serve", "--help"]).stdout).into_owned();
+    let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = String::from_utf8_lossy(&read(&readme_path)).into_owned();
+    let mut compared = 0;
+    for row in readme.lines().filter(|line| line.starts_with("| `--")) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let (Some(flags), Some(defaults)) = (cells.get(1), cells.get(2)) else {
+            continue;
+        };
+        let flags: Vec<&str> = flags.split(", ").map(|f| f.trim_matches('`')).collect();
+        let defaults: Vec<&str> = defaults.split(", ").map(|d| d.trim_matches('`')).collect();
+        if flags.len() != defaults.len() {
+            continue;
+        }
+        for (flag, readme_default) in flags.iter().zip(&defaults) {
+            let Some(help_default) = help_default(&help, flag) else {
+                continue;
+            };
+            assert_eq!(
+                *readme_default, help_default,
+                "README.md says {flag} defaults to {readme_default:?}, `proxy serve --help` says {help_default:?}"
+            );
+            compared += 1;
+        }
+    }
+    assert!(
+        compared >= 9,
+        "only {compared} defaults of the README's settings table were compared with --help:\n{help}"
+    );
+}
+
+/// The `[default: ...]` that `--help` shows under `flag`, if any.
+fn help_default<'a>(help: &'a str, flag: &str) -> Option<&'a str> {
+    let mut lines = help.lines().skip_while(|line| {
+        !line.trim_start().starts_with(&format!("{flag} ")) && line.trim() != flag
+    });
+    lines.next()?;
+    lines
+        .take_while(|line| !line.trim_start().starts_with("--"))
+        .find_map(|line| line.trim().strip_prefix("[default: ")?.strip_suffix(']'))
 }

@@ -13,19 +13,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use proxy_e2e::{TempDir, run_with_timeout};
+use proxy_e2e::{on_path, require_tool, run_with_timeout, scratch_dir};
 
 /// Exposure `systemd-analyze security` may report for proxy.service, in tenths (2.0).
 const EXPOSURE_THRESHOLD: &str = "20";
 
 #[test]
 fn vagrantfile_validates_and_scripts_pass_shellcheck() {
-    if !tool_present("deploy-vagrant", "vagrant", "apt-get install vagrant")
-        || !tool_present("deploy-vagrant", "shellcheck", "apt-get install shellcheck")
+    if !require_tool("deploy-vagrant", "vagrant", "apt-get install vagrant")
+        || !require_tool("deploy-vagrant", "shellcheck", "apt-get install shellcheck")
     {
         return;
     }
-    let home = TempDir::new("deploy-vagrant-home");
+    let home = scratch_dir("deploy-vagrant-home");
     for prebuilt in ["0", "1"] {
         let mut cmd = Command::new("vagrant");
         cmd.args(["validate", "--ignore-provider"])
@@ -96,7 +96,7 @@ fn synced_tree_has_lf_scripts_and_no_symlinks() {
 
 #[test]
 fn systemd_units_verify_and_proxy_service_is_hardened() {
-    if !tool_present(
+    if !require_tool(
         "deploy-systemd",
         "systemd-analyze",
         "apt-get install systemd",
@@ -105,7 +105,7 @@ fn systemd_units_verify_and_proxy_service_is_hardened() {
     }
     // A root with the shipped units, stub binaries at the paths they name, systemd's own
     // units (sysinit.target...) and Debian's packaged units the drop-ins extend.
-    let tmp = TempDir::new("deploy-systemd");
+    let tmp = scratch_dir("deploy-systemd");
     let sysroot = tmp.path();
     let units = sysroot.join("etc/systemd/system");
     let systemd_dir = root().join("deploy/systemd");
@@ -299,7 +299,7 @@ fn kubernetes_base_is_valid_and_generated_from_monitoring() {
     );
 
     // House YAML style (monitoring/'s yamllint rules), generated files included.
-    if tool_present("deploy-kubernetes", "yamllint", "apt-get install yamllint") {
+    if require_tool("deploy-kubernetes", "yamllint", "apt-get install yamllint") {
         let mut cmd = Command::new("yamllint");
         cmd.args([
             "--strict",
@@ -550,26 +550,7 @@ fn assert_ok(out: &Output, what: &str) {
     );
 }
 
-fn on_path(program: &str) -> bool {
-    Command::new("which")
-        .arg(program)
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// Whether `program` is installed; skips loudly, or fails under PROXY_E2E_REQUIRE=1.
-fn tool_present(test: &str, program: &str, install: &str) -> bool {
-    if on_path(program) {
-        return true;
-    }
-    if std::env::var("PROXY_E2E_REQUIRE").as_deref() == Ok("1") {
-        panic!("{test}: {program} is needed ({install}; cargo xtask test installs it)");
-    }
-    eprintln!("\n*** SKIPPED {test}: {program} not found ({install}) ***\n");
-    false
-}
-
-/// Like [`tool_present`] for a PyPI tool, which is first installed with pip when missing.
+/// Like [`require_tool`] for a PyPI tool, which is first installed with pip when missing.
 fn pip_tool_present(test: &str, program: &str, package: &str) -> bool {
     if !on_path(program) && on_path("pip") {
         let mut cmd = Command::new("pip");
@@ -582,5 +563,5 @@ fn pip_tool_present(test: &str, program: &str, package: &str) -> bool {
             );
         }
     }
-    tool_present(test, program, &format!("pip install {package}"))
+    require_tool(test, program, &format!("pip install {package}"))
 }

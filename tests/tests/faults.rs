@@ -13,8 +13,8 @@ use proxy_e2e::client::{self, Req};
 use proxy_e2e::load::{Load, LoadPlan};
 use proxy_e2e::mounts::{self, FILLER};
 use proxy_e2e::{
-    Metrics, Proxy, TestEnv, TlsOptions, path_str, pem_serial, poll_until, proxy_bin, proxy_cmd_ok,
-    read, run_with_timeout, soak_figure,
+    Metrics, MetricsExt as _, Proxy, TestEnv, TlsOptions, path_str, pem_serial, poll_until,
+    proxy_bin, proxy_cmd_ok, read, run_with_timeout, soak_figure,
 };
 
 #[test]

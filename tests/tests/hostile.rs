@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use proxy_e2e::client::{self, Alpn, Req};
-use proxy_e2e::{HTTP, HTTPS, Proxy, TestEnv, require_tool, run_with_timeout, soak, soak_figure};
+use proxy_e2e::{
+    HTTP, HTTPS, Proxy, TestEnv, require_tool, run_with_timeout, soak, soak_figure, usage,
+};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
@@ -125,13 +127,9 @@ fn well_behaved_latencies(env: &TestEnv, tls: &client::TlsOptions, n: usize) -> 
 
 /// The proxy's peak resident memory since it started (`VmHWM`); panics if it is gone.
 fn peak_rss_kib(proxy: &Proxy) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.process.pid()))
-        .unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("the proxy is gone (crashed?):\n{}", proxy.process.stderr()))
+    usage::memory(proxy.process.pid())
+        .map(|memory| memory.peak_kib)
+        .unwrap_or_else(|_| panic!("the proxy is gone (crashed?):\n{}", proxy.process.stderr()))
 }
 
 fn millis(d: Duration) -> String {
@@ -303,7 +301,7 @@ fn slowloris_connections_are_closed_at_the_header_deadline_while_others_are_serv
     let Some(env) = TestEnv::new("slowloris") else {
         return;
     };
-    if !require_tool("slowloris", "slowhttptest", "slowhttptest") {
+    if !require_tool("slowloris", "slowhttptest", "apt-get install slowhttptest") {
         return;
     }
     let _alone = LATENCY_MEASURED

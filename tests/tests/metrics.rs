@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
 use proxy_e2e::client::{self, Req, wait_closed};
-use proxy_e2e::{ADMIN, Alpn, HTTP, HTTPS, Metrics, TestEnv, poll_until};
+use proxy_e2e::{ADMIN, Alpn, HTTP, HTTPS, Metrics, MetricsExt as _, TestEnv, poll_until};
 use tokio::io::AsyncWriteExt;
 
 const H1_REQUESTS: usize = 5;

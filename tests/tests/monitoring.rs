@@ -11,34 +11,23 @@ use proxy_e2e::monitoring::{
     WebhookSink, alerts, copy_tree, monitoring_dir, query, start_alertmanager, start_prometheus,
     tool,
 };
-use proxy_e2e::{HTTP, TestEnv, poll_until};
+use proxy_e2e::{HTTP, TestEnv, on_path, poll_until, skip};
 
 /// Whether the monitoring tools are installed; skips loudly, or fails under PROXY_E2E_REQUIRE.
 fn tools_present(test: &str) -> bool {
-    let present = [
+    let tools = [
         "promtool",
         "amtool",
         "yamllint",
         "prometheus",
         "prometheus-alertmanager",
-    ]
-    .iter()
-    .all(|tool| {
-        std::process::Command::new("which")
-            .arg(tool)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if present {
-        return true;
-    }
-    if std::env::var("PROXY_E2E_REQUIRE").as_deref() == Ok("1") {
-        panic!(
-            "{test}: Prometheus, Alertmanager and yamllint are needed (cargo xtask test installs them)"
-        );
-    }
-    eprintln!("\n*** SKIPPED {test}: install prometheus prometheus-alertmanager yamllint ***\n");
-    false
+    ];
+    tools.iter().all(|tool| on_path(tool))
+        || skip(
+            test,
+            "needs Prometheus, Alertmanager and yamllint (apt-get install prometheus \
+             prometheus-alertmanager yamllint; `cargo xtask test` installs them)",
+        )
 }
 
 #[test]

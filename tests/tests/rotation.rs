@@ -7,8 +7,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use proxy_e2e::load::{Load, LoadPlan};
 use proxy_e2e::{
-    Metrics, TestEnv, TlsOptions, ca_with_leaves, path_str, pem_serial, poll_until, proxy_cmd_ok,
-    read, write_atomic,
+    Metrics, MetricsExt as _, TestEnv, TlsOptions, ca_with_leaves, path_str, pem_serial,
+    poll_until, proxy_cmd_ok, read, write_atomic,
 };
 
 fn tls_reloads(m: &Metrics, result: &str) -> f64 {

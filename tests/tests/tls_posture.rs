@@ -91,7 +91,7 @@ fn testssl_finds_nothing_high_or_critical_beyond_a_private_ca() {
     let Some(env) = TestEnv::new("testssl") else {
         return;
     };
-    if !require_tool("testssl", "testssl", "testssl.sh") {
+    if !require_tool("testssl", "testssl", "apt-get install testssl.sh") {
         return;
     }
     let proxy = env.serve(&[]);

@@ -7,7 +7,7 @@ use http::StatusCode;
 use nix::sys::signal::{Signal, kill};
 use proxy_e2e::client::{self, Req};
 use proxy_e2e::upstream::{Behaviour, Blackhole, SLOW_BODY, SlowUpstream, TestUpstream, big_body};
-use proxy_e2e::{ADMIN, Alpn, HTTPS, TestEnv};
+use proxy_e2e::{ADMIN, Alpn, HTTPS, MetricsExt as _, TestEnv};
 
 #[test]
 fn shipped_backend_behind_the_proxy_over_h1_and_h2() {

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{exec::exec, privilege};
 
 /// Debian packages the tests use. Later work appends here (prometheus, bpftool...).
-pub const PACKAGES: &[&str] = &[
+pub(crate) const PACKAGES: &[&str] = &[
     "iproute2",   // `ip netns`, `ss`: private network namespaces for end-to-end tests
     "openssl",    // `openssl s_client`/`x509`: checking certificates as a client would
     "curl",       // a real HTTP client against the running proxy
@@ -28,7 +28,7 @@ pub const PACKAGES: &[&str] = &[
 
 /// Makes sure every package of [`PACKAGES`] is installed, installing what is missing when this
 /// is Debian and we are root.
-pub fn ensure() -> Result<()> {
+pub(crate) fn ensure() -> Result<()> {
     if !Path::new("/etc/debian_version").exists() {
         println!(
             "not Debian: cannot check system packages; the tests need the equivalents of: {}",
@@ -53,7 +53,7 @@ pub fn ensure() -> Result<()> {
 }
 
 /// `apt-get update` then `apt-get install` of `packages`, checking they are installed after.
-pub fn apt_install(packages: &[&str]) -> Result<()> {
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
     exec(apt_get().arg("update"))?;
     exec(
         apt_get()
@@ -68,7 +68,7 @@ pub fn apt_install(packages: &[&str]) -> Result<()> {
 }
 
 /// The packages of `packages` that dpkg does not report as installed.
-pub fn missing<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
+pub(crate) fn missing<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
     let mut missing = Vec::new();
     for &package in packages {
         // Exits 1 for a package dpkg has never heard of: that is "missing" too.

@@ -46,7 +46,7 @@ enum Toolchain {
 }
 
 /// The object `build` writes and every `cargo xtask` build of the proxy embeds.
-pub fn object_path() -> PathBuf {
+pub(crate) fn object_path() -> PathBuf {
     workspace::target_dir()
         .join("bpf")
         .join(TARGET)
@@ -55,7 +55,7 @@ pub fn object_path() -> PathBuf {
 }
 
 /// Builds the program; returns the object's path.
-pub fn build() -> Result<PathBuf> {
+pub(crate) fn build() -> Result<PathBuf> {
     let Some(toolchain) = detect() else {
         bail!("{}", missing_toolchain_help());
     };
@@ -95,11 +95,7 @@ pub fn build() -> Result<PathBuf> {
 
 /// Runs clippy on the program for `bpfel-unknown-none` with `-D warnings` (its lints are the
 /// `[lints]` of `proxy-ebpf/Cargo.toml`), with the same choice of toolchain as [`build`].
-#[expect(
-    dead_code,
-    reason = "the ebpf-clippy phase of `cargo xtask test` is being added in test.rs"
-)]
-pub fn clippy() -> Result<()> {
+pub(crate) fn clippy() -> Result<()> {
     let Some(toolchain) = detect_clippy() else {
         bail!("{}", missing_clippy_help());
     };
@@ -138,7 +134,7 @@ pub fn clippy() -> Result<()> {
 
 /// Installs the Debian toolchain and bpf-linker when this is Debian, we are root and no
 /// toolchain is present; otherwise says what is missing.
-pub fn ensure_toolchain() -> Result<()> {
+pub(crate) fn ensure_toolchain() -> Result<()> {
     if detect().is_some() && detect_clippy().is_some() {
         println!("BPF toolchain present");
         return Ok(());
@@ -173,7 +169,7 @@ pub fn ensure_toolchain() -> Result<()> {
 
 /// Mounts tracefs where the proxy looks for tracepoints, when this machine has not (the
 /// resets-received tracepoint needs it). Root only; elsewhere says how.
-pub fn ensure_tracefs() -> Result<()> {
+pub(crate) fn ensure_tracefs() -> Result<()> {
     const TRACEFS: &str = "/sys/kernel/tracing";
     if Path::new(TRACEFS).join("events").is_dir() {
         return Ok(());

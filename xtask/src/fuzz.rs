@@ -12,10 +12,10 @@ use crate::{exec::exec, workspace};
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Every target of `fuzz/Cargo.toml`.
-pub const TARGETS: &[&str] = &["host_redirect", "config", "certificate"];
+pub(crate) const TARGETS: &[&str] = &["host_redirect", "config", "certificate"];
 
 /// Runs each target for `seconds`.
-pub fn run(seconds: u32) -> Result<()> {
+pub(crate) fn run(seconds: u32) -> Result<()> {
     ensure_cargo_fuzz()?;
     for target in TARGETS {
         exec(&mut command(target, seconds))?;
@@ -24,13 +24,13 @@ pub fn run(seconds: u32) -> Result<()> {
 }
 
 /// Installs cargo-fuzz unless it runs.
-pub fn ensure_cargo_fuzz() -> Result<()> {
+pub(crate) fn ensure_cargo_fuzz() -> Result<()> {
     crate::exec::ensure_cargo_tool("fuzz", "cargo-fuzz", CARGO_FUZZ_VERSION)
 }
 
 /// The command that fuzzes `target` for `seconds`; libFuzzer ends its output with
 /// `Done N runs in S second(s)`.
-pub fn command(target: &str, seconds: u32) -> Command {
+pub(crate) fn command(target: &str, seconds: u32) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace::root().join("fuzz"))
         .env("RUSTC_BOOTSTRAP", "1")

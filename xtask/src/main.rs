@@ -7,7 +7,6 @@ mod ebpf;
 mod exec;
 mod fuzz;
 mod monitoring;
-mod phase;
 mod privilege;
 mod pypi;
 mod run;

@@ -9,13 +9,13 @@ use anyhow::{Context as _, Result, bail};
 use crate::{deps, privilege, workspace};
 
 /// The Debian packages this task runs.
-pub const PACKAGES: &[&str] = &["prometheus", "prometheus-alertmanager"];
+pub(crate) const PACKAGES: &[&str] = &["prometheus", "prometheus-alertmanager"];
 /// Where Prometheus listens (the proxy's admin listener has 9090).
-pub const PROMETHEUS_ADDR: &str = "127.0.0.1:9091";
-pub const ALERTMANAGER_ADDR: &str = "127.0.0.1:9093";
+pub(crate) const PROMETHEUS_ADDR: &str = "127.0.0.1:9091";
+pub(crate) const ALERTMANAGER_ADDR: &str = "127.0.0.1:9093";
 
 /// Starts both and waits for Ctrl-C (or for either to exit).
-pub fn monitoring() -> Result<()> {
+pub(crate) fn monitoring() -> Result<()> {
     let missing = deps::missing(PACKAGES)?;
     if !missing.is_empty() {
         if !privilege::is_root() {

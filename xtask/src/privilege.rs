@@ -11,12 +11,12 @@ const CAP_NET_BIND_SERVICE: u32 = 10;
 const UNPRIVILEGED_PORT_START: &str = "/proc/sys/net/ipv4/ip_unprivileged_port_start";
 
 /// Whether this process runs with effective user id 0. `false` when it cannot be told.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     own_status().is_some_and(|status| effective_uid(&status) == Some(0))
 }
 
 /// The first port an unprivileged process may bind (1024 unless the sysctl says otherwise).
-pub fn unprivileged_port_start() -> u16 {
+pub(crate) fn unprivileged_port_start() -> u16 {
     fs::read_to_string(UNPRIVILEGED_PORT_START)
         .ok()
         .and_then(|text| text.trim().parse().ok())
@@ -26,7 +26,7 @@ pub fn unprivileged_port_start() -> u16 {
 /// Whether `program`, executed by this process, may bind ports below
 /// [`unprivileged_port_start`]: root keeps the capability across `exec`, anyone else through
 /// an ambient capability or a file capability on the program (`setcap`).
-pub fn exec_may_bind_low_ports(program: &Path) -> bool {
+pub(crate) fn exec_may_bind_low_ports(program: &Path) -> bool {
     own_status().is_some_and(|status| exec_keeps_bind_cap(&status)) || has_file_cap(program)
 }
 

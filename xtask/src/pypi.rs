@@ -8,12 +8,12 @@ use anyhow::Result;
 use crate::exec::exec;
 
 /// (module to import, PyPI package): the tests that need them say why.
-pub const PACKAGES: &[(&str, &str)] = &[
+pub(crate) const PACKAGES: &[(&str, &str)] = &[
     ("sslyze", "sslyze"), // the TLS posture gate against Mozilla's intermediate profile
 ];
 
 /// Installs every package whose module does not import.
-pub fn ensure() -> Result<()> {
+pub(crate) fn ensure() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(module, _)| !imports(module))

@@ -13,7 +13,7 @@ use crate::{exec, privilege, workspace};
 
 /// Options of `cargo xtask run`.
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Build and run the optimised binary.
     #[arg(long)]
     pub release: bool,
@@ -31,7 +31,7 @@ const LISTENERS: [(&str, &str, u16); 2] = [
 ];
 
 /// Builds and execs the proxy; returns only on failure.
-pub fn run(opts: Options) -> Result<Infallible> {
+pub(crate) fn run(opts: Options) -> Result<Infallible> {
     let Options {
         release,
         serve_args,

@@ -9,11 +9,11 @@
 //! stderr; a test's result is its check's. Unlike `test`, a failing check does not stop the
 //! others; the exit status is non-zero when any failed.
 
-use std::io::{BufRead as _, BufReader, Read};
-use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
+use proxy_testkit::phase;
 
 use crate::{ebpf, exec, fuzz, supply_chain, test, workspace};
 
@@ -37,7 +37,7 @@ const FIGURE_PREFIX: &str = "SOAK-FIGURE ";
 
 /// Options of `cargo xtask soak`.
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Seconds of fuzzing per target.
     #[arg(long, default_value_t = 60)]
     pub fuzz_seconds: u32,
@@ -52,7 +52,7 @@ struct Check {
 }
 
 /// Runs every check, prints the table, and fails if any check failed.
-pub fn soak(Options { fuzz_seconds }: Options) -> ExitCode {
+pub(crate) fn soak(Options { fuzz_seconds }: Options) -> ExitCode {
     let started = Instant::now();
     let mut checks = Vec::new();
     step(
@@ -115,17 +115,13 @@ pub fn soak(Options { fuzz_seconds }: Options) -> ExitCode {
 
 /// Runs one check that is not a test, timed, and records it; returns whether it passed.
 fn step(checks: &mut Vec<Check>, name: &str, work: impl FnOnce() -> Result<String>) -> bool {
-    println!("==> {name}");
-    let started = Instant::now();
-    let (figure, passed) = match work() {
+    let (result, elapsed) = phase::timed(name, work);
+    let (figure, passed) = match result {
         Ok(figure) => (figure, true),
         Err(e) => (format!("{e:#}"), false),
     };
     let result = if passed { "ok" } else { "FAILED" };
-    println!(
-        "==> [soak] {name}: {result} ({:.1} s)",
-        started.elapsed().as_secs_f64()
-    );
+    println!("==> [soak] {name}: {result} ({})", phase::seconds(elapsed));
     checks.push(Check {
         name: name.to_owned(),
         figure,
@@ -137,7 +133,7 @@ fn step(checks: &mut Vec<Check>, name: &str, work: impl FnOnce() -> Result<Strin
 /// Fuzzes `target` for `seconds`; the figure is libFuzzer's count of runs.
 fn fuzz_target(target: &str, seconds: u32) -> Result<String> {
     fuzz::ensure_cargo_fuzz()?;
-    let teed = run_teed(&mut fuzz::command(target, seconds))?;
+    let teed = exec::tee(&mut fuzz::command(target, seconds))?;
     if !teed.status.success() {
         bail!(
             "crashed or failed ({}); see fuzz/artifacts/{target}/",
@@ -172,17 +168,15 @@ fn battery() -> Vec<Check> {
     }
     let mut checks = Vec::new();
     for mut cmd in runs {
-        println!("==> end-to-end battery");
-        let started = Instant::now();
         let line = exec::display(&cmd);
-        match run_teed(&mut cmd) {
-            Ok(teed) => {
+        match phase::timed("end-to-end battery", || exec::tee(&mut cmd)) {
+            (Ok(teed), elapsed) => {
                 let found = test_checks(&teed.stdout, &teed.stderr);
                 println!(
-                    "==> [soak] end-to-end battery: {} tests, {} failed ({:.1} s)",
+                    "==> [soak] end-to-end battery: {} tests, {} failed ({})",
                     found.len(),
                     found.iter().filter(|c| !c.passed).count(),
-                    started.elapsed().as_secs_f64()
+                    phase::seconds(elapsed)
                 );
                 if !teed.status.success() && found.iter().all(|c| c.passed) {
                     // A build error or a crashed test binary: no test reported the failure.
@@ -194,7 +188,7 @@ fn battery() -> Vec<Check> {
                 }
                 checks.extend(found);
             }
-            Err(e) => checks.push(Check {
+            (Err(e), _) => checks.push(Check {
                 name: format!("`{line}`"),
                 figure: format!("{e:#}"),
                 passed: false,
@@ -289,47 +283,6 @@ fn table(checks: &[Check], elapsed: Duration) -> String {
 fn minutes(d: Duration) -> String {
     let s = d.as_secs();
     format!("{} min {:02} s", s / 60, s % 60)
-}
-
-/// What a command printed, line by line.
-struct Teed {
-    status: ExitStatus,
-    stdout: Vec<String>,
-    stderr: Vec<String>,
-}
-
-/// Runs `cmd` as `exec` does (printing it first), passing its output through as it comes and
-/// keeping it. Fails only when the command cannot start.
-fn run_teed(cmd: &mut Command) -> Result<Teed> {
-    let line = exec::display(cmd);
-    println!("$ {line}");
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("failed to start `{line}`"))?;
-    let stdout = child.stdout.take().context("no stdout pipe")?;
-    let stderr = child.stderr.take().context("no stderr pipe")?;
-    let stdout = std::thread::spawn(move || pass_through(stdout, |l| println!("{l}")));
-    let stderr = std::thread::spawn(move || pass_through(stderr, |l| eprintln!("{l}")));
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for `{line}`"))?;
-    Ok(Teed {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    })
-}
-
-/// Reads `pipe` to its end (lossily as UTF-8), printing and keeping every line.
-fn pass_through(pipe: impl Read, print: impl Fn(&str)) -> Vec<String> {
-    BufReader::new(pipe)
-        .split(b'\n')
-        .map_while(std::io::Result::ok)
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-        .inspect(|line| print(line))
-        .collect()
 }
 
 #[cfg(test)]

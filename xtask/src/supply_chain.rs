@@ -1,7 +1,8 @@
-//! The supply-chain phase of `cargo xtask test`: `cargo deny` checks licences, bans, sources
-//! and known advisories of every dependency, offline. Advisories come from the RustSec
-//! snapshot in `../shared/advisory-db` (beside the checkout, in CI too), laid out as the git
-//! checkout cargo-deny reads (`deny.toml` points `db-path` at `target/advisory-db`).
+//! The supply-chain phases of `cargo xtask test`: `cargo deny` checks licences, bans, sources
+//! and known advisories of every dependency, offline, and `cargo machete` finds dependencies
+//! no crate uses. Advisories come from the offline RustSec snapshot the build machines keep
+//! beside the checkout ([`ADVISORY_SNAPSHOT`]), laid out as the git checkout cargo-deny reads
+//! (`deny.toml` points `db-path` at `target/advisory-db`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,11 +12,14 @@ use anyhow::{Context as _, Result, bail};
 use crate::{exec::exec, workspace};
 
 const CARGO_DENY_VERSION: &str = "0.20.2";
+const CARGO_MACHETE_VERSION: &str = "0.9.2";
+/// The RustSec snapshot, relative to the workspace root.
+const ADVISORY_SNAPSHOT: &str = "../shared/advisory-db";
 /// The directory name cargo-deny derives from the RustSec database URL.
 const DB_DIR: &str = "advisory-db-3157b0e258782691";
 
 /// Installs cargo-deny if needed, prepares the advisory snapshot, and runs every check.
-pub fn check() -> Result<()> {
+pub(crate) fn check() -> Result<()> {
     crate::exec::ensure_cargo_tool("deny", "cargo-deny", CARGO_DENY_VERSION)?;
     prepare_advisory_db()?;
     // Every platform's crates must be present for `cargo metadata` before going offline.
@@ -23,11 +27,25 @@ pub fn check() -> Result<()> {
     exec(workspace::cargo().args(["deny", "--offline", "check"]))
 }
 
+/// Fails on a dependency no crate uses: cargo-machete reads every manifest below the root (the
+/// fuzz and kernel-program workspaces too) and looks for each dependency in the sources.
+pub(crate) fn unused_dependencies() -> Result<()> {
+    crate::exec::ensure_cargo_tool("machete", "cargo-machete", CARGO_MACHETE_VERSION)?;
+    exec(
+        Command::new("cargo")
+            .current_dir(workspace::root())
+            .arg("machete")
+            // cargo-machete takes a set CARGO_PKG_NAME (which `cargo run` gives xtask) for a
+            // sign that it runs outside cargo, and then reads "machete" as a directory.
+            .env_remove("CARGO_PKG_NAME"),
+    )
+}
+
 /// Copies the snapshot into `target/advisory-db/<DB_DIR>` as a one-commit git repository
 /// dated like the snapshot (cargo-deny reads the database's age from its HEAD commit).
 fn prepare_advisory_db() -> Result<()> {
     let root = workspace::root();
-    let snapshot = root.join("../shared/advisory-db");
+    let snapshot = root.join(ADVISORY_SNAPSHOT);
     if !snapshot.join("crates").is_dir() {
         bail!(
             "the RustSec snapshot {} is missing: advisories cannot be checked offline",
@@ -67,9 +85,10 @@ fn prepare_advisory_db() -> Result<()> {
     ])
 }
 
-/// The snapshot's date from `../shared/advisory-db.SNAPSHOT.txt` ("..., 2026-08-21)").
+/// The snapshot's date from the note beside it, `<snapshot>.SNAPSHOT.txt` ("..., 2026-08-21)").
 fn snapshot_date(root: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(root.join("../shared/advisory-db.SNAPSHOT.txt")).ok()?;
+    let text =
+        std::fs::read_to_string(root.join(format!("{ADVISORY_SNAPSHOT}.SNAPSHOT.txt"))).ok()?;
     let date = text
         .split(|c: char| !(c.is_ascii_digit() || c == '-'))
         .find(|word| {
@@ -90,7 +109,10 @@ fn copy_dir(from: &Path, to: &PathBuf) -> Result<()> {
                 .with_context(|| format!("copying to {}", target.display()))?;
             // The snapshot is read-only; git needs to own its copy.
             let mut permissions = std::fs::metadata(&target)?.permissions();
-            #[allow(clippy::permissions_set_readonly_false)] // our own copy, in target/
+            #[expect(
+                clippy::permissions_set_readonly_false,
+                reason = "our copy in target/, which git must rewrite; world-writable is harmless there"
+            )]
             permissions.set_readonly(false);
             std::fs::set_permissions(&target, permissions)?;
         }

@@ -1,20 +1,17 @@
 //! `cargo xtask test`: every test of the project, in the order a reviewer would run them: the
-//! system packages the tests need, formatting, clippy, then the proxy binary and the whole
-//! workspace's tests against it (end-to-end tests find it through `PROXY_BIN`).
+//! system packages the tests need, formatting, clippy (the workspace, then the kernel program
+//! for its BPF target), unused dependencies, the supply chain, fuzzing, then the proxy binary
+//! and the whole workspace's tests against it (end-to-end tests find it through `PROXY_BIN`).
 
 use std::process::ExitCode;
 
-use crate::{
-    deps, ebpf,
-    exec::exec,
-    fuzz,
-    phase::{self, Phase},
-    pypi, supply_chain, workspace,
-};
+use proxy_testkit::phase::{self, Phase};
+
+use crate::{deps, ebpf, exec::exec, fuzz, pypi, supply_chain, workspace};
 
 /// Options of `cargo xtask test`.
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// A fast loop while editing: skip the system packages and clippy, and let end-to-end
     /// tests skip (loudly) when they cannot run instead of failing.
     #[arg(long)]
@@ -23,7 +20,7 @@ pub struct Options {
 
 /// The system packages, Python tools and BPF toolchain the tests need (installed when this is
 /// Debian and we are root).
-pub fn ensure_dependencies() -> anyhow::Result<()> {
+pub(crate) fn ensure_dependencies() -> anyhow::Result<()> {
     deps::ensure()?;
     pypi::ensure()?;
     ebpf::ensure_tracefs()?;
@@ -31,7 +28,7 @@ pub fn ensure_dependencies() -> anyhow::Result<()> {
 }
 
 /// Runs the phases; fails at the first failing one, after printing the summary.
-pub fn test(Options { quick }: Options) -> ExitCode {
+pub(crate) fn test(Options { quick }: Options) -> ExitCode {
     let proxy_bin = workspace::proxy_bin(false);
     let phases = vec![
         if quick {
@@ -57,6 +54,16 @@ pub fn test(Options { quick }: Options) -> ExitCode {
                     "warnings",
                 ]))
             })
+        },
+        if quick {
+            Phase::skip("ebpf-clippy", "--quick")
+        } else {
+            Phase::new("ebpf-clippy", ebpf::clippy)
+        },
+        if quick {
+            Phase::skip("unused-deps", "--quick")
+        } else {
+            Phase::new("unused-deps", supply_chain::unused_dependencies)
         },
         if quick {
             Phase::skip("supply-chain", "--quick")

@@ -11,7 +11,7 @@ use std::{
 /// The workspace root: xtask lives one level below it. `cargo run` says where xtask's manifest
 /// is; the path compiled in is the fallback (a binary built in another copy of the workspace may
 /// be reused when the sources did not change).
-pub fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     let manifest_dir = env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
@@ -22,7 +22,7 @@ pub fn root() -> PathBuf {
 }
 
 /// The directory cargo builds into, absolute.
-pub fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     match env::var_os("CARGO_TARGET_DIR") {
         // Cargo reads a relative CARGO_TARGET_DIR against the directory it was started in.
         Some(dir) => env::current_dir()
@@ -33,7 +33,7 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// The binary `cargo build -p proxy` writes, for the debug or release profile.
-pub fn proxy_bin(release: bool) -> PathBuf {
+pub(crate) fn proxy_bin(release: bool) -> PathBuf {
     target_dir()
         .join(if release { "release" } else { "debug" })
         .join("proxy")
@@ -41,7 +41,7 @@ pub fn proxy_bin(release: bool) -> PathBuf {
 
 /// A `cargo` command started in the workspace root, building into [`target_dir`]. Plain
 /// `cargo` from `PATH`: under rustup it runs the toolchain that runs xtask.
-pub fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root());
     // Started elsewhere, cargo would read a relative CARGO_TARGET_DIR against another directory.

@@ -8,12 +8,13 @@
 use std::fs;
 
 use anyhow::{Context as _, Result, bail};
+use proxy_testkit::{NetNs, command};
 use serde_json::{Value, json};
 
-use super::{measure::Bench, netns, netns::Netns, nginx};
+use super::{measure::Bench, nginx, servers::pinned};
 
 /// Runs the check in fresh namespaces; fails when `s_time -new` was resumed anywhere.
-pub fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<Netns>) -> Result<Value> {
+pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) -> Result<Value> {
     println!("==> checking on the servers that the handshake runs are full handshakes");
     let ns = fresh_ns()?;
     let log = bench.dir.join("proxy-rustls-trace.log");
@@ -79,11 +80,12 @@ pub fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<Netns>) -> Resu
 }
 
 /// 100 requests over 2 connections that h2load re-opens after each `Connection: close`.
-fn h2load_reconnecting(ns: &Netns, bench: &Bench) -> Result<()> {
-    let mut cmd = ns.pinned(bench.client_cpu, "h2load");
+fn h2load_reconnecting(ns: &NetNs, bench: &Bench) -> Result<()> {
+    let mut cmd = pinned(ns, bench.client_cpu, "h2load");
     cmd.args(["--h1", "-H", "Connection: close", "-n", "100", "-c", "2"])
         .arg("https://127.0.0.1/");
-    netns::output(&mut cmd).map(drop)
+    command::output(&mut cmd)?;
+    Ok(())
 }
 
 /// `(full, resumed)` TLS 1.3 handshakes in rustls trace lines: every handshake sends a

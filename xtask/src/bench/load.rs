@@ -12,11 +12,11 @@
 use anyhow::{Context as _, Result, bail};
 
 /// The address every client targets inside the contender's namespace.
-pub const HOST: &str = "127.0.0.1";
+pub(super) const HOST: &str = "127.0.0.1";
 
 /// What a throughput run measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Throughput {
+pub(super) struct Throughput {
     /// Requests completed.
     pub requests: u64,
     /// Requests per second over the measured period.
@@ -30,7 +30,7 @@ pub struct Throughput {
 }
 
 /// `wrk` arguments: one thread (one client core), `connections` keep-alive connections.
-pub fn wrk_args(url: &str, connections: usize, seconds: u64) -> Vec<String> {
+pub(super) fn wrk_args(url: &str, connections: usize, seconds: u64) -> Vec<String> {
     vec![
         "-t1".into(),
         format!("-c{connections}"),
@@ -42,7 +42,7 @@ pub fn wrk_args(url: &str, connections: usize, seconds: u64) -> Vec<String> {
 
 /// `h2load` arguments: one thread, `clients` connections with `streams` concurrent streams
 /// each, one second of warm-up then `seconds` measured.
-pub fn h2load_args(url: &str, clients: usize, streams: usize, seconds: u64) -> Vec<String> {
+pub(super) fn h2load_args(url: &str, clients: usize, streams: usize, seconds: u64) -> Vec<String> {
     vec![
         "-t1".into(),
         format!("-c{clients}"),
@@ -54,7 +54,7 @@ pub fn h2load_args(url: &str, clients: usize, streams: usize, seconds: u64) -> V
 }
 
 /// `openssl s_time` arguments: a new session for every connection (`-new`), each fetching `/`.
-pub fn s_time_args(seconds: u64) -> Vec<String> {
+pub(super) fn s_time_args(seconds: u64) -> Vec<String> {
     vec![
         "s_time".into(),
         "-connect".into(),
@@ -68,7 +68,7 @@ pub fn s_time_args(seconds: u64) -> Vec<String> {
 }
 
 /// Reads `wrk --latency` output.
-pub fn parse_wrk(out: &str) -> Result<Throughput> {
+pub(super) fn parse_wrk(out: &str) -> Result<Throughput> {
     let rps = value_after(out, "Requests/sec:").context("no `Requests/sec:` line")?;
     let requests = out
         .lines()
@@ -105,7 +105,7 @@ pub fn parse_wrk(out: &str) -> Result<Throughput> {
 }
 
 /// Reads `h2load` output; fails unless the connections spoke HTTP/2.
-pub fn parse_h2load(out: &str) -> Result<Throughput> {
+pub(super) fn parse_h2load(out: &str) -> Result<Throughput> {
     let protocol = out
         .lines()
         .find_map(|line| line.trim().strip_prefix("Application protocol:"))
@@ -147,7 +147,7 @@ pub fn parse_h2load(out: &str) -> Result<Throughput> {
 
 /// Reads `openssl s_time` output: the connections completed and the bytes read per
 /// connection, from "1524 connections in 3 real seconds, 168 bytes read per connection".
-pub fn parse_s_time(out: &str) -> Result<(u64, u64)> {
+pub(super) fn parse_s_time(out: &str) -> Result<(u64, u64)> {
     let line = out
         .lines()
         .find(|line| line.contains(" real seconds"))

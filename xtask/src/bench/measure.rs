@@ -1,27 +1,25 @@
-//! One contender in one repetition: start it in a fresh namespace pinned to the server core,
-//! check it gives the proxy's answer, then run every scenario against it with the load
-//! generator pinned to the client core, reading the server's CPU time around each run and its
-//! peak RSS at the end.
+//! One contender in one repetition, once [`super::servers`] has started it and checked its
+//! answer: every scenario run against it with the load generator pinned to the client core,
+//! the server's CPU time read around each run and its peak RSS at the end.
 
 use std::{
-    fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
+use proxy_testkit::{NetNs, Process, command, usage};
 
 use super::{
-    load::{self, HOST, Throughput},
-    netns::{self, Netns, Server},
-    nginx,
+    load::{self, Throughput},
     report::{Contender, Metric, Run},
+    servers::pinned,
 };
 
 /// Everything a measurement needs, fixed for the whole benchmark.
 #[derive(Debug)]
-pub struct Bench {
+pub(super) struct Bench {
     pub proxy: PathBuf,
     pub nginx: Option<(PathBuf, (u32, u32, u32))>,
     /// The temporary directory: state, logs, nginx prefixes.
@@ -33,100 +31,21 @@ pub struct Bench {
     pub h2_connections: usize,
     pub h2_streams: usize,
     pub handshake_clients: usize,
-    pub ticks: f64,
 }
 
 impl Bench {
     /// The proxy's state directory: its CA and the leaf both servers present.
-    pub fn state_dir(&self) -> PathBuf {
+    pub(super) fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
     }
 
-    /// Starts `contender` in `ns` and waits until it answers; checks the answer and, for the
-    /// proxy, whether its eBPF program is attached as asked.
-    pub fn start(&self, contender: Contender, ns: &Netns) -> Result<Server> {
-        let mut server = match contender {
-            Contender::Nginx => self.start_nginx(ns)?,
-            Contender::AccessLog => {
-                self.start_proxy(ns, "required", "info", Path::new("/dev/null"))?
-            }
-            Contender::Attached | Contender::Detached => {
-                let ebpf = if contender == Contender::Attached {
-                    "required"
-                } else {
-                    "off"
-                };
-                let log = self.dir.join(format!("{}.log", contender.key()));
-                self.start_proxy(ns, ebpf, "warn", &log)?
-            }
-        };
-        wait_ready(ns, &mut server)?;
-        check_answer(ns).with_context(|| format!("{} answers differently", contender.label()))?;
-        if contender != Contender::Nginx {
-            let metrics = curl(ns, &[], "http://127.0.0.1:9090/metrics")?;
-            let want = if contender == Contender::Detached {
-                0.0
-            } else {
-                1.0
-            };
-            let attached = ebpf_attached(&metrics);
-            if attached != Some(want) {
-                bail!(
-                    "{}: proxy_ebpf_attached{{program=\"sock_ops\"}} is {attached:?}, expected {want}",
-                    contender.label()
-                );
-            }
-        }
-        Ok(server)
-    }
-
-    /// The proxy with `--ebpf ebpf`, `PROXY_LOG=filter` and its standard error to `log`, ready.
-    /// The access log costs a line per request: the bench runs it off (`warn`) except in the
-    /// access-log run (`info`, to /dev/null: formatting and the write calls, not a disk).
-    pub fn start_proxy(&self, ns: &Netns, ebpf: &str, filter: &str, log: &Path) -> Result<Server> {
-        let mut cmd = ns.pinned(self.server_cpu, &self.proxy.to_string_lossy());
-        cmd.arg("serve")
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .args(["--ebpf", ebpf, "--drain-timeout", "1s"])
-            .env("PROXY_LOG", filter);
-        let mut server = Server::start("proxy", &mut cmd, log)?;
-        wait_ready(ns, &mut server)?;
-        Ok(server)
-    }
-
-    /// nginx with the configuration of [`nginx::config`] (a resumption log when `log` is
-    /// given) in its own prefix directory, ready.
-    pub fn start_nginx_with(&self, ns: &Netns, name: &str, log: Option<&Path>) -> Result<Server> {
-        let (bin, version) = self.nginx.as_ref().context("nginx is not available")?;
-        let dir = self.dir.join(name);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let conf = nginx::config(&nginx::Settings {
-            dir: &dir,
-            state_dir: &self.state_dir(),
-            cpu: self.server_cpu,
-            version: *version,
-            resumption_log: log,
-        });
-        fs::write(dir.join("nginx.conf"), conf)?;
-        let mut cmd = ns.pinned(self.server_cpu, &bin.to_string_lossy());
-        cmd.args(nginx::args(&dir));
-        let mut server = Server::start("nginx", &mut cmd, &dir.join("nginx.out"))?;
-        wait_ready(ns, &mut server)?;
-        Ok(server)
-    }
-
-    fn start_nginx(&self, ns: &Netns) -> Result<Server> {
-        self.start_nginx_with(ns, "nginx", None)
-    }
-
     /// Runs the scenarios of `contender` against `server`; `progress` gets one line each.
-    pub fn measure(
+    pub(super) fn measure(
         &self,
         contender: Contender,
         rep: usize,
-        ns: &Netns,
-        server: &mut Server,
+        ns: &NetNs,
+        server: &mut Process,
         progress: &dyn Fn(&str),
     ) -> Result<Run> {
         let mut run = Run {
@@ -148,8 +67,8 @@ impl Bench {
         // from here on the peak is the peak under load.
         let mut startup = 0;
         for &pid in serving {
-            startup += netns::rss_kib(pid)?.0;
-            netns::reset_peak_rss(pid)?;
+            startup += usage::memory(pid)?.peak_kib;
+            usage::reset_peak_memory(pid)?;
         }
         run.extra
             .push(("startup_peak_rss_mib", startup as f64 / 1024.0));
@@ -233,9 +152,9 @@ impl Bench {
 
         let (mut peak, mut now) = (0, 0);
         for &pid in serving {
-            let (p, n) = netns::rss_kib(pid)?;
-            peak += p;
-            now += n;
+            let memory = usage::memory(pid)?;
+            peak += memory.peak_kib;
+            now += memory.current_kib;
         }
         let mib = |kib: u64| kib as f64 / 1024.0;
         run.figures.push((Metric::RssMib, mib(peak)));
@@ -247,57 +166,61 @@ impl Bench {
             mib(startup)
         );
         if contender == Contender::Nginx {
-            let (master, _) = netns::rss_kib(pids[0])?;
+            let master = usage::memory(pids[0])?.peak_kib;
             run.extra.push(("nginx_master_peak_rss_mib", mib(master)));
             line += &format!(", worker only; master {:.1} MiB", mib(master));
         }
         progress(&line);
-        server.check_alive()?;
+        server.check_running()?;
         Ok(run)
     }
 
     /// Runs `f` and returns its result with the server's CPU time spent meanwhile.
-    pub fn with_cpu<T>(&self, server: &Server, f: impl FnOnce() -> Result<T>) -> Result<(T, Cpu)> {
+    pub(super) fn with_cpu<T>(
+        &self,
+        server: &Process,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Cpu)> {
         let pids = server.pids();
         let start = Instant::now();
-        let (user0, system0) = netns::cpu_seconds(&pids, self.ticks)?;
+        let before = usage::cpu_time(&pids)?;
         let value = f()?;
-        let (user1, system1) = netns::cpu_seconds(&pids, self.ticks)?;
+        let after = usage::cpu_time(&pids)?;
         let cpu = Cpu {
-            user: user1 - user0,
-            system: system1 - system0,
+            user: after.user_seconds - before.user_seconds,
+            system: after.system_seconds - before.system_seconds,
             wall: start.elapsed().as_secs_f64(),
         };
         Ok((value, cpu))
     }
 
-    fn wrk(&self, ns: &Netns, url: &str, seconds: u64) -> Result<Throughput> {
-        let mut cmd = ns.pinned(self.client_cpu, "wrk");
+    fn wrk(&self, ns: &NetNs, url: &str, seconds: u64) -> Result<Throughput> {
+        let mut cmd = pinned(ns, self.client_cpu, "wrk");
         cmd.args(load::wrk_args(url, self.connections, seconds));
-        load::parse_wrk(&netns::output(&mut cmd)?).context("reading wrk's report")
+        load::parse_wrk(&command::output(&mut cmd)?).context("reading wrk's report")
     }
 
-    fn h2load(&self, ns: &Netns) -> Result<Throughput> {
-        let mut cmd = ns.pinned(self.client_cpu, "h2load");
+    fn h2load(&self, ns: &NetNs) -> Result<Throughput> {
+        let mut cmd = pinned(ns, self.client_cpu, "h2load");
         cmd.args(load::h2load_args(
             "https://127.0.0.1/",
             self.h2_connections,
             self.h2_streams,
             self.seconds,
         ));
-        load::parse_h2load(&netns::output(&mut cmd)?).context("reading h2load's report")
+        load::parse_h2load(&command::output(&mut cmd)?).context("reading h2load's report")
     }
 
     /// Full handshakes with `openssl s_time -new`, several in parallel on the client core:
     /// the handshakes completed and their rate.
-    pub fn handshakes(&self, ns: &Netns) -> Result<(u64, f64)> {
+    pub(super) fn handshakes(&self, ns: &NetNs) -> Result<(u64, f64)> {
         self.s_time(ns, self.handshake_clients, self.seconds, "-new")
     }
 
     /// `clients` parallel `openssl s_time` for `seconds`, with `-new` or `-reuse`.
-    pub fn s_time(
+    pub(super) fn s_time(
         &self,
-        ns: &Netns,
+        ns: &NetNs,
         clients: usize,
         seconds: u64,
         mode: &str,
@@ -305,7 +228,7 @@ impl Bench {
         let start = Instant::now();
         let children = (0..clients)
             .map(|_| {
-                let mut cmd = ns.pinned(self.client_cpu, "openssl");
+                let mut cmd = pinned(ns, self.client_cpu, "openssl");
                 cmd.args(
                     load::s_time_args(seconds)
                         .iter()
@@ -340,68 +263,9 @@ impl Bench {
     }
 }
 
-/// Checks the contender gives the proxy's answer: `GET /` over h2 → 200 `Hello SRE!` as
-/// `text/plain; charset=utf-8`, and plain HTTP → 308 to the same path over https.
-fn check_answer(ns: &Netns) -> Result<()> {
-    let h2 = curl(
-        ns,
-        &[
-            "--http2",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_version} %{http_code} %{content_type}",
-        ],
-        "https://127.0.0.1/",
-    )?;
-    let body = curl(ns, &["--http1.1"], "https://127.0.0.1/")?;
-    let redirect = curl(
-        ns,
-        &["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}"],
-        "http://127.0.0.1/a?b=1",
-    )?;
-    let problems = answer_problems(&h2, &body, &redirect);
-    if !problems.is_empty() {
-        bail!("{}", problems.join("; "));
-    }
-    Ok(())
-}
-
-/// What differs from the proxy's answer, given curl's `-w` lines and the body.
-fn answer_problems(h2: &str, body: &str, redirect: &str) -> Vec<String> {
-    let mut problems = Vec::new();
-    if h2 != "2 200 text/plain; charset=utf-8" {
-        problems.push(format!("GET / over h2: {h2:?}"));
-    }
-    if body != "Hello SRE!" {
-        problems.push(format!("body {body:?}"));
-    }
-    if redirect != format!("308 https://{HOST}/a?b=1") {
-        problems.push(format!("plain HTTP: {redirect:?}"));
-    }
-    problems
-}
-
-/// `curl -sk ARGS URL` in `ns`, its standard output.
-fn curl(ns: &Netns, args: &[&str], url: &str) -> Result<String> {
-    let mut cmd = ns.command("curl");
-    cmd.args(["-sk", "--max-time", "5"]).args(args).arg(url);
-    netns::output(&mut cmd)
-}
-
-/// The value of `proxy_ebpf_attached{program="sock_ops"}` in a metrics page.
-fn ebpf_attached(metrics: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        line.strip_prefix(r#"proxy_ebpf_attached{program="sock_ops"}"#)?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 /// CPU time a server spent during a run, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Cpu {
+pub(super) struct Cpu {
     pub user: f64,
     pub system: f64,
     pub wall: f64,
@@ -409,7 +273,7 @@ pub struct Cpu {
 
 impl Cpu {
     /// User plus system time per event, in microseconds.
-    pub fn per_event_us(self, events: u64) -> f64 {
+    pub(super) fn per_event_us(self, events: u64) -> f64 {
         if events == 0 {
             f64::NAN
         } else {
@@ -418,21 +282,9 @@ impl Cpu {
     }
 
     /// How much of one core the server used: near 1 when it was the bottleneck.
-    pub fn core_share(self) -> f64 {
+    pub(super) fn core_share(self) -> f64 {
         (self.user + self.system) / self.wall
     }
-}
-
-/// Waits until `GET /` over TLS answers 200 in `ns`.
-fn wait_ready(ns: &Netns, server: &mut Server) -> Result<()> {
-    netns::wait_until(server, Duration::from_secs(15), || {
-        curl(
-            ns,
-            &["-o", "/dev/null", "-w", "%{http_code}"],
-            "https://127.0.0.1/",
-        )
-        .is_ok_and(|code| code == "200")
-    })
 }
 
 fn errors_note(errors: u64) -> String {
@@ -449,31 +301,6 @@ mod tests {
 
     fn check<T: PartialEq + std::fmt::Debug>(actual: T, expected: T) {
         assert_eq!(actual, expected);
-    }
-
-    #[test]
-    fn compares_answers() {
-        let h2 = "2 200 text/plain; charset=utf-8";
-        let redirect = "308 https://127.0.0.1/a?b=1";
-        check(answer_problems(h2, "Hello SRE!", redirect), vec![]);
-        check(
-            answer_problems("2 200 text/plain", "Hello SRE!", redirect),
-            vec![r#"GET / over h2: "2 200 text/plain""#.to_owned()],
-        );
-        check(
-            answer_problems(h2, "Hello SRE!\n", "301 https://127.0.0.1/a?b=1").len(),
-            2,
-        );
-    }
-
-    #[test]
-    fn reads_ebpf_attached() {
-        let page = "# TYPE proxy_ebpf_attached gauge\n\
-            proxy_ebpf_attached{program=\"sock_ops\"} 1\n\
-            proxy_ebpf_attached{program=\"tcp_receive_reset\"} 0\n";
-        check(ebpf_attached(page), Some(1.0));
-        check(ebpf_attached(&page.replace("} 1", "} 0")), Some(0.0));
-        check(ebpf_attached("proxy_up 1\n"), None);
     }
 
     #[test]

@@ -14,28 +14,31 @@
 mod handshake_check;
 mod load;
 mod measure;
-mod netns;
 mod nginx;
 mod report;
+mod servers;
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, ExitCode},
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
+use proxy_testkit::{NetNs, TempDir, netns};
 use serde_json::json;
 
 use crate::{deps, ebpf, exec::exec, privilege, workspace};
 use measure::Bench;
-use netns::Netns;
 use report::{Contender, Results};
+
+/// Names of the namespaces this task creates: the prefix, then the creating process's id.
+const NETNS_PREFIX: &str = "xtask-bench";
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Two repetitions of 3-second runs (about two minutes) instead of 5 of 8 seconds.
     #[arg(long)]
     pub quick: bool,
@@ -83,7 +86,7 @@ const TOOLS: &[&str] = &[
 
 /// Runs the benchmark; prints the error and fails on the first problem (the guards stop every
 /// server and delete every namespace on the way out).
-pub fn bench(opts: Options) -> ExitCode {
+pub(crate) fn bench(opts: Options) -> ExitCode {
     match run(opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -101,7 +104,9 @@ fn run(opts: Options) -> Result<()> {
         .unwrap_or(if opts.quick { 3 } else { 8 })
         .max(1);
     check_machine(&opts)?;
-    netns::remove_stale()?;
+    for name in netns::remove_stale(NETNS_PREFIX)? {
+        println!("removed network namespace {name} left by an interrupted run");
+    }
     ensure_tools(!opts.no_install)?;
     let nginx = nginx::find_or_install(!opts.no_install)
         .and_then(|bin| nginx::version(&bin).map(|v| (bin, v)));
@@ -110,11 +115,11 @@ fn run(opts: Options) -> Result<()> {
     ebpf::build().context("the attached contender needs the eBPF program")?;
     exec(workspace::cargo().args(["build", "--release", "--locked", "-p", "proxy"]))?;
 
-    let dir = TempDir::create()?;
+    let dir = TempDir::new("xtask-bench-").context("creating a temporary directory")?;
     let bench = Bench {
         proxy: workspace::proxy_bin(true),
         nginx,
-        dir: dir.0.clone(),
+        dir: dir.path().to_owned(),
         server_cpu: opts.server_cpu,
         client_cpu: opts.client_cpu,
         seconds,
@@ -122,7 +127,6 @@ fn run(opts: Options) -> Result<()> {
         h2_connections: opts.h2_connections,
         h2_streams: opts.h2_streams,
         handshake_clients: opts.handshake_clients.max(1),
-        ticks: netns::ticks_per_second(),
     };
     let mut contenders = vec![Contender::Attached, Contender::Detached];
     if bench.nginx.is_some() {
@@ -139,11 +143,7 @@ fn run(opts: Options) -> Result<()> {
         loadavg.trim()
     );
 
-    let mut namespaces = 0;
-    let mut fresh_ns = || {
-        namespaces += 1;
-        Netns::create(namespaces)
-    };
+    let mut fresh_ns = || Ok(NetNs::create(NETNS_PREFIX)?);
     let handshake_check = handshake_check::check(&bench, &mut fresh_ns)?;
 
     let per_run = |c: Contender| match c {
@@ -203,11 +203,9 @@ fn run(opts: Options) -> Result<()> {
         println!("load-generator errors: {}", errors.join(", "));
     }
 
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (stamp, iso) = report::utc(now);
+    // `2026-11-28T04:50:00Z`, and `20261128T045000Z` for the file name.
+    let iso = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let stamp = iso.replace(['-', ':'], "");
     let mut json = results.json();
     json["started"] = json!(iso);
     json["command"] = json!(command_line());
@@ -273,26 +271,6 @@ fn ensure_tools(allow_install: bool) -> Result<()> {
     }
     println!("installing the load tools: {list}");
     deps::apt_install(&missing)
-}
-
-/// A private temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn create() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
-        if dir.exists() {
-            fs::remove_dir_all(&dir)?;
-        }
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 fn minutes(seconds: u64) -> String {

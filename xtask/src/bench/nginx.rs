@@ -15,7 +15,7 @@ const BIN: &str = "/usr/sbin/nginx";
 
 /// nginx's binary, installing it when allowed; `None` (with the reason printed) when it is
 /// absent and cannot be installed: the bench then runs without it.
-pub fn find_or_install(allow_install: bool) -> Option<PathBuf> {
+pub(super) fn find_or_install(allow_install: bool) -> Option<PathBuf> {
     let bin = PathBuf::from(BIN);
     if bin.is_file() {
         return Some(bin);
@@ -56,7 +56,7 @@ fn stop_system_service() {
 }
 
 /// nginx's version from `nginx -v` ("nginx version: nginx/1.22.1", on standard error).
-pub fn version(bin: &Path) -> Option<(u32, u32, u32)> {
+pub(super) fn version(bin: &Path) -> Option<(u32, u32, u32)> {
     let out = Command::new(bin).arg("-v").output().ok()?;
     parse_version(&String::from_utf8_lossy(&out.stderr))
 }
@@ -69,7 +69,7 @@ fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
 
 /// What the configuration depends on.
 #[derive(Debug, Clone)]
-pub struct Settings<'a> {
+pub(super) struct Settings<'a> {
     /// The prefix directory: pid, error log and temp paths go here.
     pub dir: &'a Path,
     /// The proxy's state directory, holding `leaf.pem` and `leaf.key`.
@@ -82,7 +82,7 @@ pub struct Settings<'a> {
 }
 
 /// The nginx.conf for `settings`.
-pub fn config(s: &Settings<'_>) -> String {
+pub(super) fn config(s: &Settings<'_>) -> String {
     let dir = s.dir.display();
     let state = s.state_dir.display();
     // `http2 on` replaced `listen ... http2` in 1.25.1.
@@ -149,7 +149,7 @@ http {{
 }
 
 /// `nginx -p DIR -c DIR/nginx.conf -e DIR/error.log -g 'daemon off;'` arguments.
-pub fn args(dir: &Path) -> Vec<String> {
+pub(super) fn args(dir: &Path) -> Vec<String> {
     let conf = dir.join("nginx.conf");
     vec![
         "-p".into(),
@@ -170,7 +170,7 @@ fn affinity_mask(cpu: usize) -> String {
 
 /// Full and resumed handshakes of requests made with `protocol` (`HTTP/1.0`, `HTTP/1.1`) in a
 /// resumption log (`$ssl_session_reused $ssl_protocol $server_protocol`, `r` or `.` first).
-pub fn count_resumption(log: &str, protocol: &str) -> (u64, u64) {
+pub(super) fn count_resumption(log: &str, protocol: &str) -> (u64, u64) {
     log.lines()
         .map(|line| line.split_whitespace().collect::<Vec<_>>())
         .filter(|fields| fields.last() == Some(&protocol))

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 /// What is measured, each against a fresh server in a fresh namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Contender {
+pub(super) enum Contender {
     /// `proxy serve --ebpf required`, access log off.
     Attached,
     /// `proxy serve --ebpf off`, access log off.
@@ -20,14 +20,14 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 4] = [
+    pub(super) const ALL: [Contender; 4] = [
         Contender::Attached,
         Contender::Detached,
         Contender::Nginx,
         Contender::AccessLog,
     ];
 
-    pub fn key(self) -> &'static str {
+    pub(super) fn key(self) -> &'static str {
         match self {
             Contender::Attached => "proxy_ebpf_attached",
             Contender::Detached => "proxy_ebpf_detached",
@@ -36,7 +36,7 @@ impl Contender {
         }
     }
 
-    pub fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             Contender::Attached => "proxy, eBPF attached",
             Contender::Detached => "proxy, eBPF detached",
@@ -48,7 +48,7 @@ impl Contender {
 
 /// One figure of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Metric {
+pub(super) enum Metric {
     H1Rps,
     H1P50Ms,
     H1P99Ms,
@@ -63,7 +63,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 11] = [
+    pub(super) const ALL: [Metric; 11] = [
         Metric::H1Rps,
         Metric::H1P50Ms,
         Metric::H1P99Ms,
@@ -77,7 +77,7 @@ impl Metric {
         Metric::RssMib,
     ];
 
-    pub fn key(self) -> &'static str {
+    pub(super) fn key(self) -> &'static str {
         match self {
             Metric::H1Rps => "h1_requests_per_second",
             Metric::H1P50Ms => "h1_p50_ms",
@@ -93,7 +93,7 @@ impl Metric {
         }
     }
 
-    pub fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             Metric::H1Rps => "HTTP/1.1 keep-alive, req/s",
             Metric::H1P50Ms => "HTTP/1.1 keep-alive, p50 ms",
@@ -124,7 +124,7 @@ impl Metric {
 
 /// The figures of one contender in one repetition.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Run {
+pub(super) struct Run {
     pub contender: Contender,
     pub rep: usize,
     pub figures: Vec<(Metric, f64)>,
@@ -136,7 +136,7 @@ pub struct Run {
 
 /// Median, minimum and maximum of a metric over the repetitions.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Summary {
+pub(super) struct Summary {
     pub median: f64,
     pub min: f64,
     pub max: f64,
@@ -144,7 +144,7 @@ pub struct Summary {
 }
 
 /// The summary of `values`; `None` when there are none.
-pub fn summarize(values: &[f64]) -> Option<Summary> {
+pub(super) fn summarize(values: &[f64]) -> Option<Summary> {
     let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
     if sorted.is_empty() {
         return None;
@@ -165,14 +165,14 @@ pub fn summarize(values: &[f64]) -> Option<Summary> {
 }
 
 /// `a / b` of the medians, when both exist and `b` is not zero.
-pub fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
+pub(super) fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
     let (a, b) = (a?, b?);
     (b.median != 0.0).then(|| a.median / b.median)
 }
 
 /// A goal the issue set: `metric` of `of` divided by that of `over`, against a bound.
 #[derive(Debug, Clone, Copy)]
-pub struct Target {
+pub(super) struct Target {
     pub goal: &'static str,
     pub metric: Metric,
     pub of: Contender,
@@ -181,13 +181,13 @@ pub struct Target {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Bound {
+pub(super) enum Bound {
     AtLeast(f64),
     AtMost(f64),
 }
 
 impl Bound {
-    pub fn met(self, ratio: f64) -> bool {
+    pub(super) fn met(self, ratio: f64) -> bool {
         match self {
             Bound::AtLeast(b) => ratio >= b,
             Bound::AtMost(b) => ratio <= b,
@@ -196,7 +196,7 @@ impl Bound {
 }
 
 /// The goals, against nginx and between eBPF attached and detached (goals, not assertions).
-pub const TARGETS: [Target; 14] = {
+pub(super) const TARGETS: [Target; 14] = {
     use Bound::*;
     use Contender::*;
     use Metric::*;
@@ -313,12 +313,12 @@ pub const TARGETS: [Target; 14] = {
 
 /// Every run of a benchmark.
 #[derive(Debug, Default)]
-pub struct Results {
+pub(super) struct Results {
     pub runs: Vec<Run>,
 }
 
 impl Results {
-    pub fn summary(&self, contender: Contender, metric: Metric) -> Option<Summary> {
+    pub(super) fn summary(&self, contender: Contender, metric: Metric) -> Option<Summary> {
         let values: Vec<f64> = self
             .runs
             .iter()
@@ -338,7 +338,7 @@ impl Results {
     }
 
     /// The markdown table of medians (min–max), the ratios, and the targets.
-    pub fn markdown(&self) -> String {
+    pub(super) fn markdown(&self) -> String {
         let contenders = self.contenders();
         let mut out = String::from("| |");
         for c in &contenders {
@@ -380,7 +380,7 @@ impl Results {
     }
 
     /// Summaries, ratios and targets as JSON (the raw runs are added by the caller).
-    pub fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         let mut summary = serde_json::Map::new();
         for c in self.contenders() {
             let mut metrics = serde_json::Map::new();
@@ -456,27 +456,6 @@ fn times(r: f64) -> String {
     format!("{r:.2}×")
 }
 
-/// A Unix time as UTC: `(20261128T045000Z, 2026-11-28T04:50:00Z)`.
-pub fn utc(unix_seconds: u64) -> (String, String) {
-    let days = (unix_seconds / 86_400) as i64;
-    let secs = unix_seconds % 86_400;
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    (
-        format!("{y:04}{mo:02}{d:02}T{h:02}{m:02}{s:02}Z"),
-        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z"),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,18 +522,6 @@ mod tests {
             "0.67".to_owned(),
         );
         check(times(0.6251), "0.63×".to_owned());
-    }
-
-    #[test]
-    fn converts_unix_time() {
-        check(
-            utc(0),
-            ("19700101T000000Z".into(), "1970-01-01T00:00:00Z".into()),
-        );
-        check(
-            utc(1_709_210_096),
-            ("20240229T123456Z".into(), "2024-02-29T12:34:56Z".into()),
-        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::exec::exec;
 
 /// The name the project's Vagrantfile uses.
-pub const NAME: &str = "bento/debian-12";
+pub(super) const NAME: &str = "bento/debian-12";
 /// Packages of the base tree: what a bento box has that provisioning and Vagrant rely on.
 const PACKAGES: &[&str] = &[
     "systemd-sysv",
@@ -40,7 +40,7 @@ const DISK_SIZE: &str = "8G";
 const RECIPE_VERSION: u32 = 1;
 
 /// Builds the box file under `work` unless the cached one matches the recipe; returns its path.
-pub fn ensure(work: &Path, mirror: &str) -> Result<PathBuf> {
+pub(super) fn ensure(work: &Path, mirror: &str) -> Result<PathBuf> {
     let box_file = work.join("debian-12.box");
     let stamp = work.join("debian-12.box.recipe");
     let recipe = format!("v{RECIPE_VERSION} {mirror} {}", PACKAGES.join(","));

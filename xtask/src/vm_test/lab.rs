@@ -9,6 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use proxy_testkit::{NetNs, netns};
 
 use crate::{exec::exec, workspace};
 
@@ -18,36 +21,34 @@ const NETNS: &str = "proxy-vmtest";
 const APT_PROXY_PORT: u16 = 3142;
 const MANAGEMENT_GATEWAY: &str = "192.168.121.1";
 
-pub struct Lab {
+pub(crate) struct Lab {
     work: PathBuf,
     tunnels: Vec<Child>,
     keep: bool,
+    /// Deleted last, when every process of the lab has stopped.
+    ns: NetNs,
 }
 
 impl Lab {
     /// Starts libvirt in a fresh namespace and the apt tunnel to `mirror_host`, after clearing
     /// what an interrupted earlier run may have left.
-    pub fn start(work: &Path, mirror_host: &str, keep: bool) -> Result<Self> {
+    pub(crate) fn start(work: &Path, mirror_host: &str, keep: bool) -> Result<Self> {
         stop_daemons(work);
-        if netns_exists() {
-            let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
-        }
-        exec(Command::new("ip").args(["netns", "add", NETNS]))?;
         let mut lab = Self {
             work: work.to_owned(),
             tunnels: Vec::new(),
             keep,
+            ns: NetNs::create_named(NETNS)?,
         };
-        exec(Command::new("ip").args(["-n", NETNS, "link", "set", "lo", "up"]))?;
         lab.write_overrides()?;
         exec(
-            in_netns("virtlogd")
+            lab.command("virtlogd")
                 .arg("-d")
                 .arg("-p")
                 .arg(lab.pid_file("virtlogd")),
         )?;
         exec(
-            in_netns("libvirtd")
+            lab.command("libvirtd")
                 .arg("-d")
                 .arg("-p")
                 .arg(lab.pid_file("libvirtd")),
@@ -62,11 +63,11 @@ impl Lab {
                 .arg(format!("TCP:{mirror_host}:80")),
         )?);
         lab.tunnels.push(spawn(
-            in_netns("socat")
+            lab.command("socat")
                 .arg(format!("TCP-LISTEN:{APT_PROXY_PORT},fork,reuseaddr"))
                 .arg(format!("UNIX-CONNECT:{}", socket.display())),
         )?);
-        wait_for_libvirt()?;
+        lab.wait_for_libvirt()?;
         // A VM an interrupted run left defined would stop `vagrant up`.
         let _ = lab
             .vagrant(Duration::from_secs(300))
@@ -78,8 +79,8 @@ impl Lab {
     /// `vagrant` in the namespace, on the project's Vagrantfile, with this test's Vagrant home
     /// and machine state, building nothing in the VM (the binary comes from `vagrant/bin`).
     /// Killed after `limit`: a guest hung under emulation must not hold CI.
-    pub fn vagrant(&self, limit: Duration) -> Command {
-        let mut cmd = in_netns("timeout");
+    pub(crate) fn vagrant(&self, limit: Duration) -> Command {
+        let mut cmd = self.command("timeout");
         cmd.args(["--kill-after=30", &limit.as_secs().to_string(), "vagrant"]);
         cmd.current_dir(workspace::root().join("vagrant"))
             .env("VAGRANT_HOME", self.work.join("vagrant-home"))
@@ -121,8 +122,32 @@ end
         Ok(())
     }
 
+    /// `program` run in the lab's namespace. Through `ip netns exec`, as libvirtd needs: a
+    /// `/sys` that shows the namespace's own network devices (its bridge) and no cgroup
+    /// hierarchy to place VMs in; the proxy runs in the VM, not here.
+    pub(crate) fn command(&self, program: &str) -> Command {
+        self.ns.ip_netns_exec(program)
+    }
+
     fn pid_file(&self, daemon: &str) -> PathBuf {
         self.work.join(format!("{daemon}.pid"))
+    }
+
+    fn wait_for_libvirt(&self) -> Result<()> {
+        for _ in 0..30 {
+            let up = self
+                .command("virsh")
+                .args(["-c", "qemu:///system", "version"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if up {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        bail!("libvirtd did not answer within 30 s")
     }
 }
 
@@ -133,6 +158,7 @@ impl Drop for Lab {
                 "--keep: the VM and libvirt stay up in network namespace {NETNS}; \
                  `cargo xtask vm-test --destroy` takes them down"
             );
+            self.ns.keep();
             return;
         }
         let _ = self
@@ -144,22 +170,15 @@ impl Drop for Lab {
             let _ = tunnel.wait();
         }
         stop_daemons(&self.work);
-        let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
     }
 }
 
-/// `program` run inside the test's namespace.
-pub fn in_netns(program: &str) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", NETNS, program]);
-    cmd
-}
-
-/// Takes down the libvirt daemons of this lab (or of an earlier, interrupted one).
-pub fn destroy_leftovers(work: &Path) {
+/// Takes down the libvirt daemons of this lab (or of an earlier, interrupted one) and its
+/// namespace.
+pub(crate) fn destroy_leftovers(work: &Path) {
     stop_daemons(work);
-    if netns_exists() {
-        let _ = Command::new("ip").args(["netns", "del", NETNS]).status();
+    if let Err(e) = netns::delete(NETNS) {
+        eprintln!("warning: {e}");
     }
 }
 
@@ -167,7 +186,9 @@ fn stop_daemons(work: &Path) {
     for daemon in ["libvirtd", "virtlogd"] {
         let pid_file = work.join(format!("{daemon}.pid"));
         if let Ok(pid) = fs::read_to_string(&pid_file) {
-            let _ = Command::new("kill").arg(pid.trim()).status();
+            if let Ok(pid) = pid.trim().parse() {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
             let _ = fs::remove_file(&pid_file);
         }
     }
@@ -187,31 +208,11 @@ fn stop_daemons(work: &Path) {
     std::thread::sleep(Duration::from_secs(1));
 }
 
-fn netns_exists() -> bool {
-    Path::new("/run/netns").join(NETNS).exists()
-}
-
 fn spawn(cmd: &mut Command) -> Result<Child> {
     println!("$ {} &", crate::exec::display(cmd));
     cmd.stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("failed to start {}", crate::exec::display(cmd)))
-}
-
-fn wait_for_libvirt() -> Result<()> {
-    for _ in 0..30 {
-        let up = in_netns("virsh")
-            .args(["-c", "qemu:///system", "version"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if up {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    bail!("libvirtd did not answer within 30 s")
 }
 
 /// Whether the CPU offers VT-x/AMD-V. A /dev/kvm without them (a paravirtualised one) cannot

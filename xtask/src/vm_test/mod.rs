@@ -14,25 +14,25 @@
 //! Everything runs in a private network namespace (see [`lab`]); the guest reaches only the
 //! Debian mirror. Needs root and about 4 GB of disk under the work directory.
 
+mod appliance;
 mod base_box;
 mod lab;
 
 use std::cell::RefCell;
 use std::fs;
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
+use proxy_testkit::phase::{self, Phase};
 
-use crate::phase::{self, Phase};
-use crate::{deps, ebpf, exec::exec, privilege, workspace};
+use crate::{deps, ebpf, exec, exec::exec, privilege, workspace};
 use lab::Lab;
 
 /// Options of `cargo xtask vm-test`.
 #[derive(Debug, clap::Args)]
-pub struct Options {
+pub(crate) struct Options {
     /// Where the base box, the VM's disk state and logs are kept between runs.
     #[arg(long, default_value = "/var/tmp/proxy-vm-test")]
     pub work_dir: PathBuf,
@@ -63,13 +63,9 @@ const HOST_PACKAGES: &[&str] = &[
     "openssl",
     "curl",
 ];
-/// Requests made through each forward to check the kernel counts.
-const HTTPS_REQUESTS: u64 = 5;
-const HTTP_REQUESTS: u64 = 3;
 const VM_LIMIT: Duration = Duration::from_secs(40 * 60);
-const SSH_LIMIT: Duration = Duration::from_secs(180);
 
-pub fn vm_test(opts: Options) -> ExitCode {
+pub(crate) fn vm_test(opts: Options) -> ExitCode {
     if !privilege::is_root() {
         eprintln!("error: the VM test needs root (libvirt, network namespaces, loop devices)");
         return ExitCode::FAILURE;
@@ -109,10 +105,10 @@ pub fn vm_test(opts: Options) -> ExitCode {
         Phase::new("checks from the host", || {
             let lab = lab.borrow();
             let lab = lab.as_ref().context("no lab")?;
-            let checked = check_appliance(lab, &up_log.borrow(), &work);
+            let checked = appliance::check(lab, &up_log.borrow(), &work);
             if checked.is_err() {
                 // What the proxy said about it, for the CI log.
-                match ssh(lab, "sudo journalctl -u proxy.service --no-pager -n 40") {
+                match appliance::ssh(lab, "sudo journalctl -u proxy.service --no-pager -n 40") {
                     Ok(journal) => println!("journal of proxy.service in the VM:\n{journal}"),
                     Err(e) => println!("(no journal from the VM: {e:#})"),
                 }
@@ -239,294 +235,18 @@ fn register_box(work: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What a user of the VM would check, through the forwarded ports.
-fn check_appliance(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
-    // The CA as the README tells libvirt users to fetch it (rsync folders are one-way).
-    let ca_pem = ssh(lab, "sudo cat /var/lib/proxy/ca.pem")?;
-    let ca = work.join("proxy-ca.pem");
-    fs::write(&ca, &ca_pem)?;
-    let fingerprint = ca_fingerprint(&ca)?;
-    let printed = up_log
-        .lines()
-        .filter_map(|l| l.split("SHA-256 Fingerprint:").nth(1))
-        .map(normalise_fingerprint)
-        .next_back()
-        .context("provisioning printed no CA fingerprint")?;
-    ensure!(
-        printed == fingerprint,
-        "the CA served has fingerprint {fingerprint}, provisioning printed {printed}"
-    );
-    println!("ok: CA fingerprint {fingerprint} matches the one provisioning printed");
-
-    let https = curl(&["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"])?;
-    ensure!(
-        https.status == 200
-            && https.body == "Hello SRE!"
-            && https.content_type.starts_with("text/plain"),
-        "https://localhost:8443/ answered {https:?}"
-    );
-    println!(
-        "ok: https://localhost:8443/ -> 200 {} {:?}",
-        https.content_type, https.body
-    );
-    let untrusted = lab::in_netns("curl")
-        .args(["-sS", "-o", "/dev/null", "https://localhost:8443/"])
-        .stderr(Stdio::null())
-        .status()?;
-    ensure!(
-        !untrusted.success(),
-        "curl trusted the VM's certificate without its CA"
-    );
-    println!("ok: without the CA, curl refuses the certificate ({untrusted})");
-
-    let redirect = curl(&["http://localhost:8080/status?probe=1"])?;
-    ensure!(
-        redirect.status == 308 && redirect.location == "https://localhost:8443/status?probe=1",
-        "http://localhost:8080/status?probe=1 answered {redirect:?}"
-    );
-    println!(
-        "ok: http://localhost:8080/status?probe=1 -> 308 {}",
-        redirect.location
-    );
-
-    let before = guest_metrics(lab)?;
-    let attached: Vec<_> = before.matching("proxy_ebpf_attached");
-    ensure!(
-        !attached.is_empty() && attached.iter().all(|(_, v)| *v == 1.0),
-        "the kernel observer is not attached in the VM: {attached:?}"
-    );
-    println!(
-        "ok: {}",
-        attached
-            .iter()
-            .map(|(l, v)| format!("proxy_ebpf_attached{l} {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    for _ in 0..HTTPS_REQUESTS {
-        let resp = curl(&["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"])?;
-        ensure!(resp.status == 200, "https request answered {resp:?}");
-    }
-    for _ in 0..HTTP_REQUESTS {
-        let resp = curl(&["http://localhost:8080/"])?;
-        ensure!(resp.status == 308, "http request answered {resp:?}");
-    }
-    let expected = [("443", HTTPS_REQUESTS), ("80", HTTP_REQUESTS)];
-    let started = Instant::now();
-    let deltas = loop {
-        let after = guest_metrics(lab)?;
-        let deltas: Vec<(&str, f64)> = expected
-            .iter()
-            .map(|(port, _)| {
-                let key = "proxy_tcp_connections_total";
-                (*port, after.port(key, port) - before.port(key, port))
-            })
-            .collect();
-        let reached = deltas
-            .iter()
-            .zip(expected)
-            .all(|((_, got), (_, want))| *got >= want as f64);
-        if reached || started.elapsed() > Duration::from_secs(30) {
-            break deltas;
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    };
-    for ((port, got), (_, want)) in deltas.iter().zip(expected) {
-        ensure!(
-            *got == want as f64,
-            "proxy_tcp_connections_total{{port=\"{port}\"}} rose by {got}, {want} requests were made"
-        );
-    }
-    println!(
-        "ok: kernel connection counts rose by exactly the requests made: :443 +{}, :80 +{}",
-        deltas[0].1, deltas[1].1
-    );
-
-    let started = Instant::now();
-    loop {
-        let up = prometheus_query("up{job=\"proxy\"}")?;
-        let kernel = prometheus_query("proxy_tcp_connections_total{port=\"443\"}")?;
-        if up == Some(1.0) && kernel.is_some_and(|v| v > 0.0) {
-            println!(
-                "ok: Prometheus (localhost:9091) has the proxy target up and its kernel metrics ({} connections on :443)",
-                kernel.unwrap_or_default()
-            );
-            break;
-        }
-        ensure!(
-            started.elapsed() < Duration::from_secs(120),
-            "Prometheus: up{{job=\"proxy\"}} = {up:?}, proxy_tcp_connections_total{{port=\"443\"}} = {kernel:?} after 120 s"
-        );
-        std::thread::sleep(Duration::from_secs(5));
-    }
-    let ready = curl(&["http://localhost:9093/-/ready"])?;
-    ensure!(
-        ready.status == 200,
-        "Alertmanager (localhost:9093) is not ready: {ready:?}"
-    );
-    println!("ok: Alertmanager (localhost:9093) ready");
-    Ok(())
-}
-
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    content_type: String,
-    location: String,
-    body: String,
-}
-
-/// One request with curl in the test's namespace (the host side of the forwards).
-fn curl(args: &[&str]) -> Result<Answer> {
-    const MARK: &str = "\n--curl-write-out--\n";
-    let out = lab::in_netns("curl")
-        .args(["-sS", "--max-time", "30", "-w"])
-        .arg(format!(
-            "{MARK}%{{http_code}}\t%{{content_type}}\t%{{redirect_url}}"
-        ))
-        .args(args)
-        .output()
-        .context("failed to run curl")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "curl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let (body, meta) = text.rsplit_once(MARK).context("curl wrote no status")?;
-    let mut fields = meta.split('\t');
-    Ok(Answer {
-        status: fields.next().unwrap_or("").trim().parse().unwrap_or(0),
-        content_type: fields.next().unwrap_or("").to_owned(),
-        location: fields.next().unwrap_or("").trim().to_owned(),
-        body: body.to_owned(),
-    })
-}
-
-/// The value of a one-series Prometheus query, through the forwarded port.
-fn prometheus_query(query: &str) -> Result<Option<f64>> {
-    let out = lab::in_netns("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "http://localhost:9091/api/v1/query",
-            "--data-urlencode",
-        ])
-        .arg(format!("query={query}"))
-        .output()
-        .context("failed to run curl")?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    let json: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("Prometheus answered no JSON")?;
-    Ok(json["data"]["result"][0]["value"][1]
-        .as_str()
-        .and_then(|v| v.parse().ok()))
-}
-
-/// The proxy's own metrics inside the VM (the admin port is not forwarded).
-fn guest_metrics(lab: &Lab) -> Result<Metrics> {
-    Ok(Metrics(ssh(
-        lab,
-        "curl -fsS http://127.0.0.1:9090/metrics",
-    )?))
-}
-
-struct Metrics(String);
-
-impl Metrics {
-    /// Every sample of `name`: its label set as written and its value.
-    fn matching(&self, name: &str) -> Vec<(String, f64)> {
-        self.0
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let labels = series.strip_prefix(name)?;
-                // Not a longer name that starts with this one.
-                if !labels.is_empty() && !labels.starts_with('{') {
-                    return None;
-                }
-                Some((labels.to_owned(), value.parse().ok()?))
-            })
-            .collect()
-    }
-
-    /// The sample of `name` with `port="<port>"`, 0 when there is none yet.
-    fn port(&self, name: &str, port: &str) -> f64 {
-        let label = format!("port=\"{port}\"");
-        self.matching(name)
-            .into_iter()
-            .filter(|(labels, _)| labels.contains(&label))
-            .map(|(_, v)| v)
-            .sum()
-    }
-}
-
-/// Runs `command` in the VM with `vagrant ssh`; returns its standard output.
-fn ssh(lab: &Lab, command: &str) -> Result<String> {
-    let out = lab
-        .vagrant(SSH_LIMIT)
-        .args(["ssh", "-c", command, "--", "-T"])
-        .output()
-        .context("failed to run vagrant ssh")?;
-    ensure!(
-        out.status.success(),
-        "vagrant ssh -c {command:?}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).replace('\r', ""))
-}
-
-fn ca_fingerprint(ca: &Path) -> Result<String> {
-    let out = Command::new("openssl")
-        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
-        .arg(ca)
-        .output()
-        .context("failed to run openssl")?;
-    ensure!(
-        out.status.success(),
-        "the CA from the VM is not a certificate"
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(normalise_fingerprint(text.split('=').nth(1).unwrap_or("")))
-}
-
-fn normalise_fingerprint(text: &str) -> String {
-    text.chars()
-        .filter(char::is_ascii_hexdigit)
-        .map(|c| c.to_ascii_uppercase())
-        .collect()
-}
-
 /// Vagrant prefixes the provisioner's lines with the machine name.
 fn strip_vagrant_prefix(line: &str) -> &str {
     line.split_once(": ").map_or(line, |(_, rest)| rest)
 }
 
-/// Prints the command's output as it comes and returns it; fails like [`exec`].
+/// Prints the command's output as it comes and returns its standard output; fails like
+/// [`exec`].
 fn capture(cmd: &mut Command) -> Result<String> {
-    let line = crate::exec::display(cmd);
-    println!("$ {line}");
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("failed to start `{line}`"))?;
-    let mut log = String::new();
-    for text in BufReader::new(child.stdout.take().context("stdout")?).lines() {
-        let text = text?;
-        println!("{text}");
-        log.push_str(&text);
-        log.push('\n');
-    }
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("`{line}` failed: {status}");
-    }
-    Ok(log)
+    let line = exec::display(cmd);
+    let teed = exec::tee(cmd)?;
+    ensure!(teed.status.success(), "`{line}` failed: {}", teed.status);
+    Ok(teed.stdout.iter().map(|l| format!("{l}\n")).collect())
 }
 
 /// The Debian mirror this host uses (the guest is let through to it, and only to it).
@@ -566,27 +286,5 @@ mod tests {
             mirror_host("http://mirror.example:8080/debian/"),
             "mirror.example"
         );
-    }
-
-    #[test]
-    fn fingerprints_compare_without_separators() {
-        assert_eq!(
-            normalise_fingerprint(" ab:CD:01\n"),
-            normalise_fingerprint("AB CD 01")
-        );
-    }
-
-    #[test]
-    fn reads_metrics_by_port() {
-        let m = Metrics(
-            "# HELP x\nproxy_tcp_connections_total{port=\"443\"} 7\n\
-             proxy_tcp_connections_total{port=\"80\"} 2\nproxy_tcp_connections_totally 9\n\
-             proxy_ebpf_attached{program=\"sock_ops\"} 1\n"
-                .into(),
-        );
-        assert_eq!(m.port("proxy_tcp_connections_total", "443"), 7.0);
-        assert_eq!(m.port("proxy_tcp_connections_total", "80"), 2.0);
-        assert_eq!(m.port("proxy_tcp_connections_total", "8443"), 0.0);
-        assert_eq!(m.matching("proxy_ebpf_attached").len(), 1);
     }
 }

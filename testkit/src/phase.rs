@@ -1,25 +1,25 @@
 //! Phases of a long task: each runs timed under a `==> [phase]` heading, the sequence stops at
 //! the first failure, and a closing table lists every phase with its result and time, ending in
-//! the line `N passed, N failed` that a CI reader looks for.
+//! the line `N passed, N failed` that a CI reader looks for. [`timed`] is the timed step
+//! alone, for tasks that report their own way (the soak's table of checks).
 
+use std::fmt::Display;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
-
-/// One step of a task.
-pub struct Phase<'a> {
+/// One step of a task; its error `E` is printed with `{:#}` (an `anyhow` chain in full).
+pub struct Phase<'a, E> {
     name: &'static str,
-    step: Step<'a>,
+    step: Step<'a, E>,
 }
 
-enum Step<'a> {
-    Run(Box<dyn FnOnce() -> Result<()> + 'a>),
+enum Step<'a, E> {
+    Run(Box<dyn FnOnce() -> Result<(), E> + 'a>),
     Skip(&'static str),
 }
 
-impl<'a> Phase<'a> {
+impl<'a, E> Phase<'a, E> {
     /// A phase that runs `step`.
-    pub fn new(name: &'static str, step: impl FnOnce() -> Result<()> + 'a) -> Self {
+    pub fn new(name: &'static str, step: impl FnOnce() -> Result<(), E> + 'a) -> Self {
         Self {
             name,
             step: Step::Run(Box::new(step)),
@@ -45,7 +45,7 @@ enum Outcome {
 }
 
 /// Runs `phases` in order until one fails, prints the summary and returns whether all passed.
-pub fn run_all(phases: Vec<Phase<'_>>) -> bool {
+pub fn run_all<E: Display>(phases: Vec<Phase<'_, E>>) -> bool {
     let start = Instant::now();
     let mut failed = false;
     let mut rows = Vec::new();
@@ -53,28 +53,35 @@ pub fn run_all(phases: Vec<Phase<'_>>) -> bool {
         let outcome = match step {
             _ if failed => Outcome::NotRun,
             Step::Skip(reason) => Outcome::Skipped(reason),
-            Step::Run(step) => {
-                println!("==> {name}");
-                let started = Instant::now();
-                let result = step();
-                let elapsed = started.elapsed();
-                match result {
-                    Ok(()) => {
-                        println!("==> [phase] {name} ({})", seconds(elapsed));
-                        Outcome::Passed(elapsed)
-                    }
-                    Err(e) => {
-                        println!("==> [phase] {name} FAILED ({}): {e:#}", seconds(elapsed));
-                        failed = true;
-                        Outcome::Failed(elapsed)
-                    }
+            Step::Run(step) => match timed(name, step) {
+                (Ok(()), elapsed) => {
+                    println!("==> [phase] {name} ({})", seconds(elapsed));
+                    Outcome::Passed(elapsed)
                 }
-            }
+                (Err(e), elapsed) => {
+                    println!("==> [phase] {name} FAILED ({}): {e:#}", seconds(elapsed));
+                    failed = true;
+                    Outcome::Failed(elapsed)
+                }
+            },
         };
         rows.push((name, outcome));
     }
     print!("{}", summary(&rows, start.elapsed()));
     !failed
+}
+
+/// Prints the heading `==> {name}`, runs `work` and returns its result with the time it took.
+pub fn timed<T>(name: &str, work: impl FnOnce() -> T) -> (T, Duration) {
+    println!("==> {name}");
+    let started = Instant::now();
+    let result = work();
+    (result, started.elapsed())
+}
+
+/// A duration as the headings show it: `12.3 s`.
+pub fn seconds(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
 }
 
 /// The closing table; its last line is `N passed, N failed`.
@@ -109,10 +116,6 @@ fn summary(rows: &[(&str, Outcome)], total: Duration) -> String {
     out += &format!("{:width$}  {:<7}  {:>8}\n", "total", "", seconds(total));
     out += &format!("{passed} passed, {failed} failed\n");
     out
-}
-
-fn seconds(d: Duration) -> String {
-    format!("{:.1} s", d.as_secs_f64())
 }
 
 #[cfg(test)]
@@ -154,5 +157,23 @@ mod tests {
              total              43.2 s\n\
              1 passed, 0 failed\n",
         );
+    }
+
+    #[test]
+    fn stops_at_the_first_failure() {
+        let ran = std::cell::Cell::new(0);
+        let phases = vec![
+            Phase::new("one", || {
+                ran.set(ran.get() + 1);
+                Ok(())
+            }),
+            Phase::new("two", || Err("broken")),
+            Phase::new("three", || {
+                ran.set(ran.get() + 1);
+                Ok(())
+            }),
+        ];
+        assert!(!run_all(phases));
+        assert_eq!(ran.get(), 1);
     }
 }

@@ -1,0 +1,274 @@
+//! The VM test's checks from the host side, through the forwarded ports, of what a user of the
+//! appliance would see: the CA and its fingerprint, the HTTPS answer and the redirect, the
+//! kernel observer attached and counting exactly the requests made, Prometheus scraping the
+//! proxy, Alertmanager ready. Requests go out with curl in the lab's namespace; the guest's
+//! own view comes through `vagrant ssh`.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use proxy_testkit::Metrics;
+
+use super::lab::Lab;
+
+/// Requests made through each forward to check the kernel counts.
+const HTTPS_REQUESTS: u64 = 5;
+const HTTP_REQUESTS: u64 = 3;
+const SSH_LIMIT: Duration = Duration::from_secs(180);
+
+/// What a user of the VM would check, through the forwarded ports.
+pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
+    // The CA as the README tells libvirt users to fetch it (rsync folders are one-way).
+    let ca_pem = ssh(lab, "sudo cat /var/lib/proxy/ca.pem")?;
+    let ca = work.join("proxy-ca.pem");
+    fs::write(&ca, &ca_pem)?;
+    let fingerprint = ca_fingerprint(&ca)?;
+    let printed = up_log
+        .lines()
+        .filter_map(|l| l.split("SHA-256 Fingerprint:").nth(1))
+        .map(normalise_fingerprint)
+        .next_back()
+        .context("provisioning printed no CA fingerprint")?;
+    ensure!(
+        printed == fingerprint,
+        "the CA served has fingerprint {fingerprint}, provisioning printed {printed}"
+    );
+    println!("ok: CA fingerprint {fingerprint} matches the one provisioning printed");
+
+    let https = curl(
+        lab,
+        &["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"],
+    )?;
+    ensure!(
+        https.status == 200
+            && https.body == "Hello SRE!"
+            && https.content_type.starts_with("text/plain"),
+        "https://localhost:8443/ answered {https:?}"
+    );
+    println!(
+        "ok: https://localhost:8443/ -> 200 {} {:?}",
+        https.content_type, https.body
+    );
+    let untrusted = lab
+        .command("curl")
+        .args(["-sS", "-o", "/dev/null", "https://localhost:8443/"])
+        .stderr(Stdio::null())
+        .status()?;
+    ensure!(
+        !untrusted.success(),
+        "curl trusted the VM's certificate without its CA"
+    );
+    println!("ok: without the CA, curl refuses the certificate ({untrusted})");
+
+    let redirect = curl(lab, &["http://localhost:8080/status?probe=1"])?;
+    ensure!(
+        redirect.status == 308 && redirect.location == "https://localhost:8443/status?probe=1",
+        "http://localhost:8080/status?probe=1 answered {redirect:?}"
+    );
+    println!(
+        "ok: http://localhost:8080/status?probe=1 -> 308 {}",
+        redirect.location
+    );
+
+    let before = guest_metrics(lab)?;
+    let attached: Vec<String> = before
+        .named("proxy_ebpf_attached")
+        .map(ToString::to_string)
+        .collect();
+    ensure!(
+        !attached.is_empty() && before.named("proxy_ebpf_attached").all(|s| s.value == 1.0),
+        "the kernel observer is not attached in the VM: {attached:?}"
+    );
+    println!("ok: {}", attached.join(", "));
+    for _ in 0..HTTPS_REQUESTS {
+        let resp = curl(
+            lab,
+            &["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"],
+        )?;
+        ensure!(resp.status == 200, "https request answered {resp:?}");
+    }
+    for _ in 0..HTTP_REQUESTS {
+        let resp = curl(lab, &["http://localhost:8080/"])?;
+        ensure!(resp.status == 308, "http request answered {resp:?}");
+    }
+    let expected = [("443", HTTPS_REQUESTS), ("80", HTTP_REQUESTS)];
+    let started = Instant::now();
+    let deltas = loop {
+        let after = guest_metrics(lab)?;
+        let deltas: Vec<(&str, f64)> = expected
+            .iter()
+            .map(|(port, _)| {
+                let key = "proxy_tcp_connections_total";
+                let labels = [("port", *port)];
+                (
+                    *port,
+                    after.value(key, &labels) - before.value(key, &labels),
+                )
+            })
+            .collect();
+        let reached = deltas
+            .iter()
+            .zip(expected)
+            .all(|((_, got), (_, want))| *got >= want as f64);
+        if reached || started.elapsed() > Duration::from_secs(30) {
+            break deltas;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    for ((port, got), (_, want)) in deltas.iter().zip(expected) {
+        ensure!(
+            *got == want as f64,
+            "proxy_tcp_connections_total{{port=\"{port}\"}} rose by {got}, {want} requests were made"
+        );
+    }
+    println!(
+        "ok: kernel connection counts rose by exactly the requests made: :443 +{}, :80 +{}",
+        deltas[0].1, deltas[1].1
+    );
+
+    let started = Instant::now();
+    loop {
+        let up = prometheus_query(lab, "up{job=\"proxy\"}")?;
+        let kernel = prometheus_query(lab, "proxy_tcp_connections_total{port=\"443\"}")?;
+        if up == Some(1.0) && kernel.is_some_and(|v| v > 0.0) {
+            println!(
+                "ok: Prometheus (localhost:9091) has the proxy target up and its kernel metrics ({} connections on :443)",
+                kernel.unwrap_or_default()
+            );
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "Prometheus: up{{job=\"proxy\"}} = {up:?}, proxy_tcp_connections_total{{port=\"443\"}} = {kernel:?} after 120 s"
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let ready = curl(lab, &["http://localhost:9093/-/ready"])?;
+    ensure!(
+        ready.status == 200,
+        "Alertmanager (localhost:9093) is not ready: {ready:?}"
+    );
+    println!("ok: Alertmanager (localhost:9093) ready");
+    Ok(())
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    content_type: String,
+    location: String,
+    body: String,
+}
+
+/// One request with curl in the test's namespace (the host side of the forwards).
+fn curl(lab: &Lab, args: &[&str]) -> Result<Answer> {
+    const MARK: &str = "\n--curl-write-out--\n";
+    let out = lab
+        .command("curl")
+        .args(["-sS", "--max-time", "30", "-w"])
+        .arg(format!(
+            "{MARK}%{{http_code}}\t%{{content_type}}\t%{{redirect_url}}"
+        ))
+        .args(args)
+        .output()
+        .context("failed to run curl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "curl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let (body, meta) = text.rsplit_once(MARK).context("curl wrote no status")?;
+    let mut fields = meta.split('\t');
+    Ok(Answer {
+        status: fields.next().unwrap_or("").trim().parse().unwrap_or(0),
+        content_type: fields.next().unwrap_or("").to_owned(),
+        location: fields.next().unwrap_or("").trim().to_owned(),
+        body: body.to_owned(),
+    })
+}
+
+/// The value of a one-series Prometheus query, through the forwarded port.
+fn prometheus_query(lab: &Lab, query: &str) -> Result<Option<f64>> {
+    let out = lab
+        .command("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "http://localhost:9091/api/v1/query",
+            "--data-urlencode",
+        ])
+        .arg(format!("query={query}"))
+        .output()
+        .context("failed to run curl")?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("Prometheus answered no JSON")?;
+    Ok(json["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok()))
+}
+
+/// The proxy's own metrics inside the VM (the admin port is not forwarded).
+fn guest_metrics(lab: &Lab) -> Result<Metrics> {
+    Ok(Metrics::parse(&ssh(
+        lab,
+        "curl -fsS http://127.0.0.1:9090/metrics",
+    )?))
+}
+
+/// Runs `command` in the VM with `vagrant ssh`; returns its standard output.
+pub(super) fn ssh(lab: &Lab, command: &str) -> Result<String> {
+    let out = lab
+        .vagrant(SSH_LIMIT)
+        .args(["ssh", "-c", command, "--", "-T"])
+        .output()
+        .context("failed to run vagrant ssh")?;
+    ensure!(
+        out.status.success(),
+        "vagrant ssh -c {command:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).replace('\r', ""))
+}
+
+fn ca_fingerprint(ca: &Path) -> Result<String> {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(ca)
+        .output()
+        .context("failed to run openssl")?;
+    ensure!(
+        out.status.success(),
+        "the CA from the VM is not a certificate"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(normalise_fingerprint(text.split('=').nth(1).unwrap_or("")))
+}
+
+fn normalise_fingerprint(text: &str) -> String {
+    text.chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_uppercase())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_compare_without_separators() {
+        assert_eq!(
+            normalise_fingerprint(" ab:CD:01\n"),
+            normalise_fingerprint("AB CD 01")
+        );
+    }
+}
