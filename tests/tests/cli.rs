@@ -1,5 +1,6 @@
-//! The operator's commands: `proxy check` catches bad configuration before a deploy, and
-//! `proxy ca` creates, exports and issues from the local CA.
+//! The operator's commands: `proxy check` catches bad configuration before a deploy, `proxy
+//! ca` creates, exports and issues from the local CA, `--help` and the README agree on every
+//! default, and the logs say whose connection a line is about.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -319,4 +320,67 @@ fn help_default<'a>(help: &'a str, flag: &str) -> Option<&'a str> {
     lines
         .take_while(|line| !line.trim_start().starts_with("--"))
         .find_map(|line| line.trim().strip_prefix("[default: ")?.strip_suffix(']'))
+}
+
+/// With debug logging, what the proxy says about a connection names its listener and peer
+/// (a `connection` span), over HTTP/1.1 and HTTP/2 alike (hyper serves each HTTP/2 stream in
+/// a task of its own), while access-log lines keep their own format, outside any span.
+#[test]
+fn debug_lines_name_the_connection_and_access_lines_do_not_change() {
+    let Some(env) = TestEnv::new("spans") else {
+        return;
+    };
+    // Nothing listens on port 1: every request fails upstream, with a warning.
+    let proxy = env.serve_with_env(
+        &["--upstream", "http://127.0.0.1:1"],
+        &[("PROXY_LOG", "debug")],
+    );
+    let tls = proxy.tls();
+    // Not TLS: the handshake fails, which is logged at debug inside the connection's span.
+    let _ = env.run(|| {
+        proxy_e2e::client::raw_http(proxy_e2e::HTTPS, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    });
+    for alpn in [proxy_e2e::Alpn::H1, proxy_e2e::Alpn::H2] {
+        let options = tls.clone().alpn(alpn);
+        let resp = env
+            .run(|| proxy_e2e::client::https(&options, proxy_e2e::Req::get("/")))
+            .unwrap_or_else(|e| panic!("GET / over {alpn:?}: {e}"));
+        assert_eq!(
+            resp.status,
+            http::StatusCode::BAD_GATEWAY,
+            "{alpn:?}: {resp:?}"
+        );
+    }
+    let stderr = proxy.process.stderr();
+    let lines_with = |needle: &str| -> Vec<&str> {
+        stderr
+            .lines()
+            .filter(|line| line.contains(needle))
+            .collect()
+    };
+    let failed = lines_with("TLS handshake failed");
+    assert!(
+        failed.len() == 1 && failed[0].contains("connection{listener=\"https\" peer=127.0.0.1:"),
+        "the handshake failure does not name its connection: {failed:?}\n{stderr}"
+    );
+    let upstream = lines_with("upstream request failed");
+    assert_eq!(
+        upstream.len(),
+        2,
+        "one upstream warning per request:\n{stderr}"
+    );
+    for line in upstream {
+        assert!(
+            line.contains("connection{listener=\"https\" peer=127.0.0.1:"),
+            "an upstream warning (HTTP/1.1 or HTTP/2) does not name its connection: {line}"
+        );
+    }
+    let access = lines_with("proxy::access");
+    assert_eq!(access.len(), 2, "one access line per request:\n{stderr}");
+    for line in access {
+        assert!(
+            line.contains(" INFO proxy::access: request listener=\"https\" peer=127.0.0.1:"),
+            "an access line changed its format: {line}"
+        );
+    }
 }

@@ -120,7 +120,7 @@ impl Upstream {
                 };
                 self.metrics.upstream_failed(kind);
                 let kind = kind.as_str();
-                tracing::warn!(error = %error_chain(&e), kind, "upstream request failed");
+                tracing::warn!(error = %error_chain(&e), kind, %peer, "upstream request failed");
                 text(
                     StatusCode::BAD_GATEWAY,
                     format!("upstream unavailable ({kind} error)\n"),
@@ -128,7 +128,7 @@ impl Upstream {
             }
             Err(_) => {
                 self.metrics.upstream_failed(UpstreamFailure::Timeout);
-                tracing::warn!(timeout = ?self.timeout, "upstream timed out");
+                tracing::warn!(timeout = ?self.timeout, %peer, "upstream timed out");
                 text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
             }
         }
