@@ -2,7 +2,8 @@
 //! share, written once: private network namespaces ([`netns`]), child processes held by a
 //! guard and polled until ready ([`process`]), what the kernel says a process uses
 //! ([`usage`]), commands run with their output captured ([`command`]), temporary directories
-//! kept for a post-mortem ([`tempdir`]), the Prometheus text format ([`metrics`]) and timed
+//! kept for a post-mortem ([`tempdir`]), directory trees copied ([`tree`]), the Prometheus
+//! text format ([`metrics`]) and timed
 //! phases with a closing summary ([`phase`]).
 //!
 //! Errors are returned, never panicked: the tests turn them into panics with a message, the
@@ -17,6 +18,7 @@ pub mod netns;
 pub mod phase;
 pub mod process;
 pub mod tempdir;
+pub mod tree;
 pub mod usage;
 
 pub use metrics::{Metrics, Sample};

@@ -28,28 +28,11 @@ pub fn monitoring_dir() -> PathBuf {
 
 /// Copies `monitoring/` into `dest`, rewriting each file through `edit(relative path, text)`.
 pub fn copy_tree(dest: &Path, edit: &dyn Fn(&str, String) -> String) {
-    fn walk(src: &Path, dest: &Path, rel: &str, edit: &dyn Fn(&str, String) -> String) {
-        std::fs::create_dir_all(dest).unwrap_or_else(|e| panic!("mkdir {}: {e}", dest.display()));
-        let entries =
-            std::fs::read_dir(src).unwrap_or_else(|e| panic!("read {}: {e}", src.display()));
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let rel = if rel.is_empty() {
-                name.clone()
-            } else {
-                format!("{rel}/{name}")
-            };
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, &dest.join(&name), &rel, edit);
-            } else {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                std::fs::write(dest.join(&name), edit(&rel, text))
-                    .unwrap_or_else(|e| panic!("write {}: {e}", dest.join(&name).display()));
-            }
-        }
-    }
-    walk(&monitoring_dir(), dest, "", edit);
+    proxy_testkit::tree::copy_tree(&monitoring_dir(), dest, &|path, bytes| {
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        edit(&path.to_string_lossy(), text).into_bytes()
+    })
+    .unwrap_or_else(|e| panic!("copying monitoring/ to {}: {e}", dest.display()));
 }
 
 /// Runs Debian's `promtool`/`amtool`/... and returns (success, stdout + stderr).

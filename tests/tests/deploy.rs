@@ -109,10 +109,13 @@ fn systemd_units_verify_and_proxy_service_is_hardened() {
     let sysroot = tmp.path();
     let units = sysroot.join("etc/systemd/system");
     let systemd_dir = root().join("deploy/systemd");
-    copy_dir(
-        Path::new("/usr/lib/systemd/system"),
+    let system_units = Path::new("/usr/lib/systemd/system");
+    proxy_testkit::tree::copy_tree(
+        system_units,
         &sysroot.join("usr/lib/systemd/system"),
-    );
+        &|_, bytes| bytes,
+    )
+    .unwrap_or_else(|e| panic!("copying {}: {e}", system_units.display()));
     for file in files_under(&systemd_dir) {
         let rel = file
             .strip_prefix(&systemd_dir)
@@ -505,30 +508,6 @@ fn copy(from: &Path, to: &Path) {
     std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
     std::fs::copy(from, to)
         .unwrap_or_else(|e| panic!("copying {} to {}: {e}", from.display(), to.display()));
-}
-
-/// Copies a directory's regular files and symlinks (as links), one level of subdirectories.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    let Ok(entries) = std::fs::read_dir(from) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let dest = to.join(entry.file_name());
-        let Ok(kind) = entry.file_type() else {
-            continue;
-        };
-        if kind.is_symlink() {
-            if let Ok(target) = std::fs::read_link(&path) {
-                let _ = std::os::unix::fs::symlink(target, &dest);
-            }
-        } else if kind.is_dir() {
-            copy_dir(&path, &dest);
-        } else {
-            let _ = std::fs::copy(&path, &dest);
-        }
-    }
 }
 
 fn write(path: &Path, text: &str) {

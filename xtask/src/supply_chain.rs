@@ -4,7 +4,7 @@
 //! beside the checkout ([`ADVISORY_SNAPSHOT`]), laid out as the git checkout cargo-deny reads
 //! (`deny.toml` points `db-path` at `target/advisory-db`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
@@ -59,7 +59,9 @@ fn prepare_advisory_db() -> Result<()> {
     if db.exists() {
         std::fs::remove_dir_all(&db).with_context(|| format!("removing {}", db.display()))?;
     }
-    copy_dir(&snapshot, &db)?;
+    // Written anew, so writable: git rewrites its copy, and the snapshot is read-only.
+    proxy_testkit::tree::copy_tree(&snapshot, &db, &|_, bytes| bytes)
+        .with_context(|| format!("copying {} to {}", snapshot.display(), db.display()))?;
     let date = snapshot_date(&root).unwrap_or_else(|| "2026-08-21T00:00:00Z".to_owned());
     let git = |args: &[&str]| -> Result<()> {
         exec(
@@ -95,27 +97,4 @@ fn snapshot_date(root: &Path) -> Option<String> {
             word.len() == 10 && word.as_bytes()[4] == b'-' && word.as_bytes()[7] == b'-'
         })?;
     Some(format!("{date}T00:00:00Z"))
-}
-
-fn copy_dir(from: &Path, to: &PathBuf) -> Result<()> {
-    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)
-                .with_context(|| format!("copying to {}", target.display()))?;
-            // The snapshot is read-only; git needs to own its copy.
-            let mut permissions = std::fs::metadata(&target)?.permissions();
-            #[expect(
-                clippy::permissions_set_readonly_false,
-                reason = "our copy in target/, which git must rewrite; world-writable is harmless there"
-            )]
-            permissions.set_readonly(false);
-            std::fs::set_permissions(&target, permissions)?;
-        }
-    }
-    Ok(())
 }
