@@ -152,7 +152,7 @@ impl Cli {
         command = command.mut_subcommand(subcommand, |sub| file.with_defaults(sub));
         let matches = command
             .try_get_matches_from(&argv)
-            .map_err(|e| file.value_error(&file.with_defaults(settings_command), &e))?;
+            .map_err(|e| file.value_error(&settings_command, &e))?;
         Ok(Cli::from_arg_matches(&matches)?)
     }
 

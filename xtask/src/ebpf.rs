@@ -59,31 +59,16 @@ pub(crate) fn build() -> Result<PathBuf> {
     let Some(toolchain) = detect() else {
         bail!("{}", missing_toolchain_help());
     };
-    let mut cmd = program_command("cargo");
     match toolchain {
-        Toolchain::Debian => {
-            println!(
-                "building the eBPF program with Debian's rustc ({DEBIAN_RUSTC}) and its precompiled BPF core"
-            );
-            // aya-ebpf needs an unstable feature on BPF targets; Debian's stable rustc allows
-            // it when bootstrapping is on.
-            cmd.env("RUSTC", DEBIAN_RUSTC).env("RUSTC_BOOTSTRAP", "1");
-            cmd.args(["build", "--locked", "--release", "--target", TARGET]);
-        }
+        Toolchain::Debian => println!(
+            "building the eBPF program with Debian's rustc ({DEBIAN_RUSTC}) and its precompiled BPF core"
+        ),
         Toolchain::Nightly => {
-            println!("building the eBPF program with rustup's nightly and -Z build-std=core");
-            cmd.args([
-                "+nightly",
-                "build",
-                "--locked",
-                "--release",
-                "--target",
-                TARGET,
-                "-Z",
-                "build-std=core",
-            ]);
+            println!("building the eBPF program with rustup's nightly and -Z build-std=core")
         }
     }
+    let mut cmd = program_command("cargo");
+    for_target(&mut cmd, toolchain, "build");
     exec(&mut cmd)?;
     let object = object_path();
     if !object.is_file() {
@@ -105,31 +90,35 @@ pub(crate) fn clippy() -> Result<()> {
                 "linting the eBPF program with Debian's clippy ({DEBIAN_CARGO_CLIPPY}), rustc ({DEBIAN_RUSTC}) and precompiled BPF core"
             );
             // Debian's cargo-clippy runs `cargo check` (rustup's cargo) with Debian's
-            // clippy-driver as the workspace's rustc wrapper; RUSTC makes the dependencies
-            // Debian's rustc's too, so that the driver can read them.
-            let mut cmd = program_command(DEBIAN_CARGO_CLIPPY);
-            cmd.env("RUSTC", DEBIAN_RUSTC).env("RUSTC_BOOTSTRAP", "1");
-            cmd.args(["clippy", "--locked", "--release", "--target", TARGET]);
-            cmd
+            // clippy-driver as the workspace's rustc wrapper; RUSTC (set by `for_target`)
+            // makes the dependencies Debian's rustc's too, so that the driver can read them.
+            program_command(DEBIAN_CARGO_CLIPPY)
         }
         Toolchain::Nightly => {
             println!("linting the eBPF program with rustup's nightly clippy and -Z build-std=core");
-            let mut cmd = program_command("cargo");
-            cmd.args([
-                "+nightly",
-                "clippy",
-                "--locked",
-                "--release",
-                "--target",
-                TARGET,
-                "-Z",
-                "build-std=core",
-            ]);
-            cmd
+            program_command("cargo")
         }
     };
+    for_target(&mut cmd, toolchain, "clippy");
     cmd.args(["--", "-D", "warnings"]);
     exec(&mut cmd)
+}
+
+/// `cargo SUBCOMMAND --locked --release --target bpfel-unknown-none` with `toolchain`:
+/// Debian's rustc with bootstrapping on (aya-ebpf needs an unstable feature on BPF targets),
+/// or the nightly building its own `core`.
+fn for_target(cmd: &mut Command, toolchain: Toolchain, subcommand: &str) {
+    match toolchain {
+        Toolchain::Debian => {
+            cmd.env("RUSTC", DEBIAN_RUSTC).env("RUSTC_BOOTSTRAP", "1");
+            cmd.args([subcommand, "--locked", "--release", "--target", TARGET]);
+        }
+        Toolchain::Nightly => {
+            cmd.arg("+nightly");
+            cmd.args([subcommand, "--locked", "--release", "--target", TARGET]);
+            cmd.args(["-Z", "build-std=core"]);
+        }
+    }
 }
 
 /// Installs the Debian toolchain and bpf-linker when this is Debian, we are root and no

@@ -89,9 +89,9 @@ impl ConfigFile {
         command
     }
 
-    /// Explains why `command`, built by [`ConfigFile::with_defaults`], refused its
-    /// arguments. Flags and environment were parsed once without the file, so a value that
-    /// fails now is the file's.
+    /// Explains why the settings of `command`, with the file's values as their defaults
+    /// ([`ConfigFile::with_defaults`]), refused their arguments. Flags and environment were
+    /// parsed once without the file, so a value that fails now is the file's.
     pub(crate) fn value_error(&self, command: &Command, error: &clap::Error) -> ConfigError {
         let context = |kind| match error.get(kind) {
             Some(ContextValue::String(text)) => Some(text.clone()),

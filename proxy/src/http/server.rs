@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::ebpf::{KernelObserver, KernelTimings};
 use crate::http::deadlines::Activity;
 use crate::http::request::{Connection, Responder};
-use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics};
+use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics, TlsFailure};
 use crate::tls;
 use crate::tls::handshake_failure::failure_reason;
 use crate::tls::resolver::CertStore;
@@ -152,8 +152,7 @@ impl Server {
                         tracing::debug!(reason = reason.as_str(), error = %e, "TLS handshake failed");
                     }
                     Err(_) => {
-                        self.metrics
-                            .tls_handshake_failed(crate::telemetry::metrics::TlsFailure::Timeout);
+                        self.metrics.tls_handshake_failed(TlsFailure::Timeout);
                         tracing::debug!("TLS handshake timed out");
                     }
                 }
