@@ -37,7 +37,9 @@ pub(crate) fn check(settings: &Settings) -> Result<(), CommandError> {
     );
     let _ = writeln!(out, "  {certificate}");
     if let Some(upstream) = &config.upstream {
-        let _ = writeln!(out, "  upstream {}", upstream.uri);
+        for backend in &upstream.backends {
+            let _ = writeln!(out, "  upstream http://{}", backend.label);
+        }
     }
     Ok(())
 }

@@ -59,13 +59,40 @@ pub(crate) enum TlsSource {
     Files { cert: PathBuf, key: PathBuf },
 }
 
-/// The backend that upstream mode forwards to.
+/// The pool of backends that upstream mode forwards to, and how it is run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UpstreamConfig {
-    /// `http://host:port`, without path.
-    pub(crate) uri: http::Uri,
+    /// At least one; no two the same.
+    pub(crate) backends: Vec<BackendAddress>,
+    /// Deadline for a response head.
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
+    /// Longest wait between two pieces of a response body.
+    pub(crate) body_timeout: Duration,
+    pub(crate) health: HealthCheck,
+    /// Consecutive failures in live traffic that eject a backend; 0 turns ejection off.
+    pub(crate) eject_after: u32,
+    /// Retries allowed as a percentage of recent requests.
+    pub(crate) retry_budget_percent: u32,
+}
+
+/// A configured backend: `host:port` as written (its metrics label) and its parts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct BackendAddress {
+    /// `host:port`, as configured: the `backend` label.
+    pub(crate) label: String,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+}
+
+/// The active health check of every backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HealthCheck {
+    pub(crate) path: http::uri::PathAndQuery,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) healthy_threshold: u32,
+    pub(crate) unhealthy_threshold: u32,
 }
 
 /// Resource caps that keep one client from starving the others.
@@ -85,6 +112,10 @@ pub(crate) struct Timeouts {
     pub(crate) header_read: Duration,
     pub(crate) idle: Duration,
     pub(crate) drain: Duration,
+    /// Longest wait between two pieces of a request body.
+    pub(crate) client_body: Duration,
+    /// Longest a response may wait for the client to read it.
+    pub(crate) send: Duration,
 }
 
 /// Loads the configuration again (SIGHUP): the same flags and environment over the file as
@@ -123,14 +154,7 @@ impl Config {
                 ),
             });
         }
-        let upstream = match &settings.upstream {
-            Some(raw) => Some(UpstreamConfig {
-                uri: parse_upstream(raw)?,
-                timeout: settings.upstream_timeout,
-                connect_timeout: settings.upstream_connect_timeout,
-            }),
-            None => None,
-        };
+        let upstream = upstream_config(settings)?;
         let limits = Limits {
             listen_backlog: at_least("listen_backlog", settings.listen_backlog, 1)?,
             max_connections: at_least("max_connections", settings.max_connections, 1)?,
@@ -151,6 +175,8 @@ impl Config {
             header_read: nonzero("header_read_timeout", settings.header_read_timeout)?,
             idle: nonzero("idle_timeout", settings.idle_timeout)?,
             drain: settings.drain_timeout,
+            client_body: nonzero("client_body_timeout", settings.client_body_timeout)?,
+            send: nonzero("send_timeout", settings.send_timeout)?,
         };
         Ok(Config {
             http_listen: settings.http_listen,
@@ -192,13 +218,16 @@ impl Config {
         if self.admin_listen != new.admin_listen {
             changed.push("admin_listen");
         }
-        if self.upstream != new.upstream {
+        // The pool follows a reload; whether there is one is the mode the proxy runs in.
+        if self.upstream.is_some() != new.upstream.is_some() {
             changed.push("upstream");
         }
         if self.limits != new.limits {
             changed.push("limits");
         }
         if self.timeouts != new.timeouts {
+            // They are read when a connection starts; taking them from a reload would make
+            // one connection's deadlines depend on when it came.
             changed.push("timeouts");
         }
         if self.public_https_port != new.public_https_port {
@@ -253,7 +282,63 @@ pub(crate) fn default_host_name() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-fn parse_upstream(raw: &str) -> Result<http::Uri, ConfigError> {
+/// The upstream pool, if any backend is configured. Its other settings are checked either
+/// way, so that a mistake shows before the pool is turned on.
+fn upstream_config(settings: &Settings) -> Result<Option<UpstreamConfig>, ConfigError> {
+    let mut backends: Vec<BackendAddress> = Vec::new();
+    for raw in &settings.upstream {
+        let backend = parse_upstream(raw.trim())?;
+        if backends.contains(&backend) {
+            return Err(ConfigError::Invalid {
+                key: "upstream",
+                reason: format!("{raw:?} is listed twice"),
+            });
+        }
+        backends.push(backend);
+    }
+    let path: http::uri::PathAndQuery =
+        settings
+            .health_check_path
+            .parse()
+            .map_err(|_| ConfigError::Invalid {
+                key: "health_check_path",
+                reason: format!("{:?} is not a path", settings.health_check_path),
+            })?;
+    if !path.as_str().starts_with('/') {
+        return Err(ConfigError::Invalid {
+            key: "health_check_path",
+            reason: format!("{:?} must start with /", settings.health_check_path),
+        });
+    }
+    let health = HealthCheck {
+        path,
+        interval: nonzero("health_check_interval", settings.health_check_interval)?,
+        timeout: nonzero("health_check_timeout", settings.health_check_timeout)?,
+        healthy_threshold: at_least("healthy_threshold", settings.healthy_threshold, 1)?,
+        unhealthy_threshold: at_least("unhealthy_threshold", settings.unhealthy_threshold, 1)?,
+    };
+    if settings.retry_budget_percent > 100 {
+        return Err(ConfigError::Invalid {
+            key: "retry_budget_percent",
+            reason: format!("{} is above 100", settings.retry_budget_percent),
+        });
+    }
+    let config = UpstreamConfig {
+        backends,
+        timeout: nonzero("upstream_timeout", settings.upstream_timeout)?,
+        connect_timeout: nonzero(
+            "upstream_connect_timeout",
+            settings.upstream_connect_timeout,
+        )?,
+        body_timeout: nonzero("upstream_body_timeout", settings.upstream_body_timeout)?,
+        health,
+        eject_after: settings.eject_after,
+        retry_budget_percent: settings.retry_budget_percent,
+    };
+    Ok((!config.backends.is_empty()).then_some(config))
+}
+
+fn parse_upstream(raw: &str) -> Result<BackendAddress, ConfigError> {
     let invalid = |reason: &str| ConfigError::Invalid {
         key: "upstream",
         reason: format!("{raw:?}: {reason}"),
@@ -263,18 +348,29 @@ fn parse_upstream(raw: &str) -> Result<http::Uri, ConfigError> {
         return Err(invalid("only http:// upstreams are supported"));
     }
     let authority = uri.authority().ok_or_else(|| invalid("missing host"))?;
-    if authority.port_u16().is_none() {
-        return Err(invalid("missing port"));
-    }
+    let port = authority
+        .port_u16()
+        .ok_or_else(|| invalid("missing port"))?;
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(invalid("must not have a path or query"));
     }
-    http::Uri::builder()
-        .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query("/")
-        .build()
-        .map_err(|_| invalid("not a URL"))
+    if authority.as_str().contains('@') {
+        return Err(invalid("must not hold credentials"));
+    }
+    // IPv6 literals keep their brackets in the label but not in the host to resolve.
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(invalid("missing host"));
+    }
+    Ok(BackendAddress {
+        label: authority.as_str().to_ascii_lowercase(),
+        host: host.to_ascii_lowercase(),
+        port,
+    })
 }
 
 fn at_least<T: PartialOrd + std::fmt::Display>(
@@ -375,6 +471,24 @@ mod tests {
         check_invalid(&[], Some("upstream = \"https://a:1\""), "http://");
         check_invalid(&[], Some("upstream = \"http://a\""), "port");
         check_invalid(&[], Some("upstream = \"http://a:1/path\""), "path");
+        check_invalid(
+            &[],
+            Some("upstream = [\"http://a:1\", \"http://A:1\"]"),
+            "twice",
+        );
+        check_invalid(&[], Some("upstream = \"http://u:p@a:1\""), "credentials");
+        check_invalid(
+            &[],
+            Some("health_check_path = \"healthz\""),
+            "health_check_path",
+        );
+        check_invalid(&[], Some("healthy_threshold = 0"), "healthy_threshold");
+        check_invalid(
+            &[],
+            Some("retry_budget_percent = 101"),
+            "retry_budget_percent",
+        );
+        check_invalid(&[], Some("send_timeout = \"0s\""), "send_timeout");
         check_invalid(&[], Some("max_connections = 0"), "max_connections");
         check_invalid(&[], Some("max_header_bytes = 100"), "max_header_bytes");
         check_invalid(&[], Some("idle_timeout = \"0s\""), "idle_timeout");
@@ -385,12 +499,36 @@ mod tests {
     }
 
     #[test]
-    fn upstream_is_normalised() {
+    fn upstream_is_a_pool() {
         let upstream = resolve(&["--upstream", "http://127.0.0.1:8080"], None)
             .expect("valid")
             .upstream
             .expect("set");
-        assert_eq!(upstream.uri.to_string(), "http://127.0.0.1:8080/");
+        let labels: Vec<&str> = upstream.backends.iter().map(|b| b.label.as_str()).collect();
+        assert_eq!(labels, ["127.0.0.1:8080"]);
         assert_eq!(upstream.timeout, Duration::from_secs(10));
+        assert_eq!(upstream.body_timeout, Duration::from_secs(60));
+        assert_eq!(upstream.health.path.as_str(), "/");
+
+        let file = "upstream = [\"http://a.example:80\", \"http://[::1]:81/\"]";
+        let upstream = resolve(&[], Some(file))
+            .expect("valid")
+            .upstream
+            .expect("set");
+        let backends: Vec<(&str, &str, u16)> = upstream
+            .backends
+            .iter()
+            .map(|b| (b.label.as_str(), b.host.as_str(), b.port))
+            .collect();
+        assert_eq!(
+            backends,
+            [("a.example:80", "a.example", 80), ("[::1]:81", "::1", 81)]
+        );
+        let flags = resolve(&["--upstream", "http://b:1,http://c:2"], Some(file))
+            .expect("valid")
+            .upstream
+            .expect("set");
+        assert_eq!(flags.backends.len(), 2, "flags replace the file's list");
+        assert_eq!(flags.backends[0].label, "b:1");
     }
 }

@@ -59,16 +59,50 @@ pub(crate) struct Settings {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "PROXY_TLS_KEY")]
     pub(crate) tls_key: Option<PathBuf>,
-    /// Proxy `GET /` and everything else to this backend (http://HOST:PORT) instead of the
-    /// static answer.
-    #[arg(long, env = "PROXY_UPSTREAM")]
-    pub(crate) upstream: Option<String>,
+    /// Proxy `GET /` and everything else to these backends (http://HOST:PORT; repeat or
+    /// comma-separate for a pool) instead of the static answer. Names are resolved at start
+    /// and at reload.
+    #[arg(long, env = "PROXY_UPSTREAM", value_delimiter = ',')]
+    pub(crate) upstream: Vec<String>,
     /// Deadline for a whole upstream response head.
     #[arg(long, env = "PROXY_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) upstream_timeout: Duration,
-    /// Deadline for connecting to the upstream.
+    /// Deadline for connecting to a backend.
     #[arg(long, env = "PROXY_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub(crate) upstream_connect_timeout: Duration,
+    /// Longest wait for the next piece of a backend's response body; beyond it the response
+    /// is broken off (like nginx's proxy_read_timeout).
+    #[arg(long, env = "PROXY_UPSTREAM_BODY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) upstream_body_timeout: Duration,
+    /// Longest wait for the next piece of a client's request body; beyond it 408, or the
+    /// exchange is broken off.
+    #[arg(long, env = "PROXY_CLIENT_BODY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) client_body_timeout: Duration,
+    /// A client that reads none of its response for this long has its connection closed.
+    #[arg(long, env = "PROXY_SEND_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) send_timeout: Duration,
+    /// Path of the active health check (GET; any 2xx or 3xx is healthy).
+    #[arg(long, env = "PROXY_HEALTH_CHECK_PATH", default_value = "/")]
+    pub(crate) health_check_path: String,
+    /// Time between two active health checks of a backend.
+    #[arg(long, env = "PROXY_HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub(crate) health_check_interval: Duration,
+    /// Deadline of one active health check.
+    #[arg(long, env = "PROXY_HEALTH_CHECK_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub(crate) health_check_timeout: Duration,
+    /// Consecutive passed checks that bring a backend (back) into the pool.
+    #[arg(long, env = "PROXY_HEALTHY_THRESHOLD", default_value = "2")]
+    pub(crate) healthy_threshold: u32,
+    /// Consecutive failed checks that take a backend out of the pool.
+    #[arg(long, env = "PROXY_UNHEALTHY_THRESHOLD", default_value = "3")]
+    pub(crate) unhealthy_threshold: u32,
+    /// Consecutive connect failures or 5xx answers in live traffic that take a backend out
+    /// of the pool until its health check passes again (0: never).
+    #[arg(long, env = "PROXY_EJECT_AFTER", default_value = "3")]
+    pub(crate) eject_after: u32,
+    /// Retries allowed, as a percentage of the requests of the last 10 s (plus 10 per 10 s).
+    #[arg(long, env = "PROXY_RETRY_BUDGET_PERCENT", default_value = "20")]
+    pub(crate) retry_budget_percent: u32,
     /// Connections served at once; at the cap the proxy stops accepting and the kernel
     /// queues new clients.
     #[arg(long, env = "PROXY_MAX_CONNECTIONS", default_value = "10000")]

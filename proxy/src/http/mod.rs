@@ -4,8 +4,9 @@
 //! the static answers, and the upstream client.
 
 pub(crate) mod deadlines;
+mod exchange;
 pub(crate) mod redirect;
 mod request;
 pub(crate) mod responses;
 pub(crate) mod server;
-mod upstream;
+pub(crate) mod upstream;

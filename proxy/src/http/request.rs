@@ -1,6 +1,6 @@
 //! One request's answer: the redirect on the plain-HTTP listener, the static site or the
-//! upstream on HTTPS (with the security headers), and for each request its metrics and one
-//! access-log line with the kernel's and the TLS handshake's timings for its connection.
+//! upstream on HTTPS (with the security headers). Its metrics and access-log line come when
+//! the response ends (`exchange.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,30 +12,31 @@ use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::ebpf::KernelTimings;
-use crate::http::deadlines::{Activity, TrackedBody};
+use crate::http::deadlines::Activity;
+use crate::http::exchange::{Exchange, TrackedBody};
 use crate::http::redirect;
 use crate::http::responses::{Body, static_site, text};
 use crate::http::upstream::Upstream;
-use crate::telemetry::logging::ACCESS_TARGET;
-use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics};
+use crate::telemetry::metrics::{Listener, Metrics};
 use crate::tls::resolver::CertStore;
 
 /// What answers requests, shared by every connection.
 pub(super) struct Responder {
     metrics: Metrics,
     certs: Arc<CertStore>,
-    upstream: Option<Upstream>,
+    upstream: Option<Arc<Upstream>>,
     hsts: HeaderValue,
     max_headers: usize,
     public_https_port: u16,
 }
 
 impl Responder {
-    pub(super) fn new(config: &Config, metrics: Metrics, certs: Arc<CertStore>) -> Self {
-        let upstream = config
-            .upstream
-            .as_ref()
-            .map(|u| Upstream::new(u, metrics.clone()));
+    pub(super) fn new(
+        config: &Config,
+        metrics: Metrics,
+        certs: Arc<CertStore>,
+        upstream: Option<Arc<Upstream>>,
+    ) -> Self {
         let hsts = HeaderValue::from_str(&format!("max-age={}", config.hsts_max_age))
             .unwrap_or_else(|_| HeaderValue::from_static("max-age=31536000"));
         Responder {
@@ -80,6 +81,7 @@ impl Connection {
                     .map(str::to_owned)
             })
             .unwrap_or_default();
+        let mut upstream_report = None;
         let response: Response<Body> = match self.listener {
             // hyper enforces the count for HTTP/1.1 itself; HTTP/2 limits only header bytes.
             _ if request.headers().len() > responder.max_headers => text(
@@ -93,43 +95,34 @@ impl Connection {
             )),
             Listener::Https => {
                 let mut response = match &responder.upstream {
-                    Some(upstream) => upstream.forward(request, self.peer).await,
+                    Some(upstream) => {
+                        let (response, report) = upstream.forward(request, self.peer).await;
+                        upstream_report = report;
+                        response
+                    }
                     None => static_site(&method, &path),
                 };
                 add_security_headers(response.headers_mut(), &responder.hsts);
                 response
             }
         };
-        let elapsed = started.elapsed();
-        let status = response.status();
-        responder
-            .metrics
-            .request_answered(self.listener, status, elapsed);
-        // A root event: its fields say whose request it was, and its format stays the same
-        // whatever spans surround it.
-        tracing::info!(
-            target: ACCESS_TARGET,
-            parent: None,
-            listener = self.listener.as_str(),
-            peer = %self.peer,
-            %method,
+        let exchange = Exchange {
+            metrics: responder.metrics.clone(),
+            started,
+            listener: self.listener,
+            peer: self.peer,
+            method,
             host,
             path,
-            version = ?version,
-            status = status.as_u16(),
-            duration_ms = millis(elapsed),
-            tcp_handshake_ms = self.kernel.and_then(|k| k.handshake).map(millis),
-            accept_wait_ms = self.kernel.map(|k| millis(k.accept_wait)),
-            tls_handshake_ms = self.tls_handshake.map(millis),
-            "request"
-        );
-        response.map(|body| TrackedBody::new(body, in_flight))
+            version,
+            status: response.status(),
+            tls_handshake: self.tls_handshake,
+            kernel: self.kernel,
+            upstream: upstream_report,
+        };
+        let activity = self.activity.clone();
+        response.map(|body| TrackedBody::new(body, exchange, activity, in_flight))
     }
-}
-
-/// Milliseconds rounded to microseconds, for log fields.
-fn millis(duration: Duration) -> f64 {
-    (duration.as_secs_f64() * 1e6).round() / 1e3
 }
 
 fn add_security_headers(headers: &mut http::HeaderMap, hsts: &HeaderValue) {

@@ -21,8 +21,9 @@ use tracing::Instrument as _;
 
 use crate::config::Config;
 use crate::ebpf::{KernelObserver, KernelTimings};
-use crate::http::deadlines::Activity;
+use crate::http::deadlines::{Activity, Closed};
 use crate::http::request::{Connection, Responder};
+use crate::http::upstream::Upstream;
 use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics, TlsFailure};
 use crate::tls;
 use crate::tls::handshake_failure::failure_reason;
@@ -53,9 +54,10 @@ impl Server {
         metrics: Metrics,
         certs: Arc<CertStore>,
         kernel: Option<Arc<KernelObserver>>,
+        upstream: Option<Arc<Upstream>>,
     ) -> Result<Arc<Self>, rustls::Error> {
         let tls = TlsAcceptor::from(tls::server_config(certs.clone())?);
-        let responder = Arc::new(Responder::new(config, metrics.clone(), certs));
+        let responder = Arc::new(Responder::new(config, metrics.clone(), certs, upstream));
         Ok(Arc::new(Server {
             h1: http_builder(config).http1_only(),
             h2: http_builder(config).http2_only(),
@@ -216,11 +218,27 @@ impl Server {
                     // now would fail it; serve it first (the first-request deadline still holds).
                 }
                 () = activity.first_request(), if draining => break timeouts.drain,
+                () = activity.send_stalled(timeouts.send) => {
+                    // Closing breaks the unread response visibly (HTTP/1.1: short of its
+                    // length or last chunk; HTTP/2: the streams with the connection).
+                    tracing::debug!(timeout = ?timeouts.send, "closing connection: the client stopped reading its response");
+                    activity.close_by_proxy(Closed::SendTimeout);
+                    return;
+                }
             }
         };
         // Finishes requests in flight (HTTP/2: GOAWAY); an idle connection closes at once.
         connection.as_mut().graceful_shutdown();
-        let _ = tokio::time::timeout(grace, connection).await;
+        let finished = tokio::select! {
+            finished = tokio::time::timeout(grace, connection.as_mut()) => finished.is_ok(),
+            () = activity.send_stalled(timeouts.send) => {
+                activity.close_by_proxy(Closed::SendTimeout);
+                return;
+            }
+        };
+        if !finished {
+            activity.close_by_proxy(Closed::Drain);
+        }
     }
 }
 

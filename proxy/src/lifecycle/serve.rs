@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::config::{Config, Reload};
 use crate::ebpf;
 use crate::http::server::Server;
+use crate::http::upstream::{Upstream, UpstreamError};
 use crate::lifecycle::listeners::{self, ListenError};
 use crate::lifecycle::{handover, notify, signals};
 use crate::telemetry::admin;
@@ -32,6 +33,9 @@ pub enum ServeError {
     /// `--ebpf required` and the kernel observer could not start.
     #[error("kernel observer (--ebpf required): {0}")]
     Ebpf(#[from] ebpf::EbpfError),
+    /// A backend of the upstream pool could not be resolved.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     /// The metrics registry refused a metric.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -94,7 +98,19 @@ pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError
         }
     }
 
-    let server = Server::new(&config, metrics.clone(), certs, kernel)?;
+    let upstream = match &config.upstream {
+        Some(pool) => Some(
+            Upstream::start(
+                pool,
+                config.timeouts.client_body,
+                metrics.clone(),
+                kernel.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let server = Server::new(&config, metrics.clone(), certs, kernel, upstream.clone())?;
     let ready = Arc::new(AtomicBool::new(false));
     // Shared with a successor on SIGUSR2; dropped here at shutdown so the ports close.
     let listeners = [Arc::new(http), Arc::new(https), Arc::new(admin_listener)];
@@ -113,7 +129,13 @@ pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError
             while hangups.recv().await.is_some() {
                 tracing::info!("SIGHUP received: reloading configuration and certificates");
                 notify::reloading();
-                manager.reload().await;
+                let reloaded = manager.reload().await;
+                if let (Some(upstream), Some(pool)) = (
+                    &upstream,
+                    reloaded.as_ref().and_then(|c| c.upstream.as_ref()),
+                ) {
+                    upstream.reconfigure(pool).await;
+                }
                 notify::ready("serving (reloaded)");
             }
         });
@@ -124,7 +146,7 @@ pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError
         http = %config.http_listen,
         https = %config.https_listen,
         admin = %config.admin_listen,
-        upstream = config.upstream.as_ref().map(|u| u.uri.to_string()),
+        upstream = ?config.upstream.as_ref().map(|u| u.backends.iter().map(|b| b.label.as_str()).collect::<Vec<_>>()),
         "proxy ready"
     );
 

@@ -70,6 +70,27 @@ pub(crate) enum TlsFailure {
 }
 impl LabelValue for TlsFailure {}
 
+/// How a response ended: label `outcome` of `proxy_http_requests_total`. Only `complete`
+/// reached the client whole; the availability SLI counts the upstream's and the proxy's
+/// failures as bad, not the client's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub(crate) enum Outcome {
+    /// The whole response was handed to the client's connection.
+    Complete,
+    /// The backend broke its response off after its head was sent (closed, reset, bad framing).
+    UpstreamError,
+    /// The backend stalled mid-body beyond the body deadline.
+    UpstreamTimeout,
+    /// The client read nothing for the send deadline, or sent its body too slowly.
+    ClientTimeout,
+    /// The client went away before the end.
+    ClientClosed,
+    /// The proxy broke it off: the drain deadline at shutdown.
+    Aborted,
+}
+impl LabelValue for Outcome {}
+
 /// Why an upstream request failed: label `kind` of `proxy_upstream_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter, strum::IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
@@ -78,8 +99,12 @@ pub(crate) enum UpstreamFailure {
     Connect,
     /// No response head before the deadline.
     Timeout,
-    /// The upstream broke HTTP or the connection.
+    /// The upstream broke HTTP or the connection before a response head.
     Protocol,
+    /// The response body stalled beyond the body deadline.
+    BodyTimeout,
+    /// The connection broke in the middle of the response body.
+    BodyError,
 }
 impl LabelValue for UpstreamFailure {}
 
@@ -117,8 +142,7 @@ pub(crate) struct Metrics {
     tls_handshake_failures: IntCounterVec,
     connections_open: IntGaugeVec,
     connections: IntCounterVec,
-    upstream_request_duration: Histogram,
-    upstream_errors: IntCounterVec,
+    upstream: UpstreamMetrics,
     certificate_expiry: GaugeVec,
     reloads: IntCounterVec,
     state_write_failures: IntCounter,
@@ -146,6 +170,14 @@ impl Metrics {
             register(Box::new(metric.clone()))?;
             prometheus::Result::Ok(metric)
         };
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                labels,
+            )?;
+            register(Box::new(metric.clone()))?;
+            prometheus::Result::Ok(metric)
+        };
         let histogram = |name: &str, help: &str| {
             let metric = Histogram::with_opts(
                 HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
@@ -154,15 +186,58 @@ impl Metrics {
             prometheus::Result::Ok(metric)
         };
 
-        let http_request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "proxy_http_request_duration_seconds",
-                "Time from request head to response head.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+        let http_request_duration = histogram_vec(
+            "proxy_http_request_duration_seconds",
+            "Time from request head to the end of the response.",
             &["listener"],
         )?;
-        register(Box::new(http_request_duration.clone()))?;
+        let upstream = UpstreamMetrics {
+            request_duration: histogram_vec(
+                "proxy_upstream_request_duration_seconds",
+                "Time for a backend to answer with a response head (or fail), by backend.",
+                &["backend"],
+            )?,
+            errors: counter(
+                "proxy_upstream_errors_total",
+                "Upstream requests that failed, by backend and kind.",
+                &["backend", "kind"],
+            )?,
+            requests: counter(
+                "proxy_upstream_requests_total",
+                "Requests sent to each backend, retries included.",
+                &["backend"],
+            )?,
+            retries: counter(
+                "proxy_upstream_retries_total",
+                "Requests retried on another backend, by the backend that failed them.",
+                &["backend"],
+            )?,
+            retries_refused: IntCounter::new(
+                "proxy_upstream_retries_refused_total",
+                "Retries not made because the retry budget was spent.",
+            )?,
+            healthy: gauge(
+                "proxy_upstream_healthy",
+                "1 if the backend is in the pool (passing its health check), else 0.",
+                &["backend"],
+            )?,
+            in_flight: gauge(
+                "proxy_upstream_requests_in_flight",
+                "Requests a backend is answering now.",
+                &["backend"],
+            )?,
+            ejections: counter(
+                "proxy_upstream_ejections_total",
+                "Times a backend was taken out of the pool for failing live requests.",
+                &["backend"],
+            )?,
+            fail_open: prometheus::IntGauge::new(
+                "proxy_upstream_fail_open",
+                "1 while no backend is healthy and requests go to all of them anyway.",
+            )?,
+        };
+        register(Box::new(upstream.retries_refused.clone()))?;
+        register(Box::new(upstream.fail_open.clone()))?;
         let certificate_expiry = GaugeVec::new(
             Opts::new(
                 "proxy_certificate_expiry_timestamp_seconds",
@@ -189,8 +264,8 @@ impl Metrics {
         let metrics = Metrics {
             http_requests: counter(
                 "proxy_http_requests_total",
-                "HTTP requests answered, by listener and status code.",
-                &["listener", "code"],
+                "HTTP requests answered, by listener, status code and how the response ended.",
+                &["listener", "code", "outcome"],
             )?,
             http_request_duration,
             tls_handshake_duration: histogram(
@@ -212,15 +287,7 @@ impl Metrics {
                 "Client connections accepted.",
                 &["listener"],
             )?,
-            upstream_request_duration: histogram(
-                "proxy_upstream_request_duration_seconds",
-                "Time for the upstream to answer with a response head.",
-            )?,
-            upstream_errors: counter(
-                "proxy_upstream_errors_total",
-                "Upstream requests that failed, by kind.",
-                &["kind"],
-            )?,
+            upstream,
             certificate_expiry,
             reloads: counter(
                 "proxy_reloads_total",
@@ -234,9 +301,6 @@ impl Metrics {
             metrics
                 .tls_handshake_failures
                 .with_label_values(&[reason.as_str()]);
-        }
-        for kind in UpstreamFailure::iter() {
-            metrics.upstream_errors.with_label_values(&[kind.as_str()]);
         }
         for what in Reloaded::iter() {
             metrics
@@ -266,16 +330,18 @@ impl Metrics {
         OpenConnection(open)
     }
 
-    /// Counts a request answered with `status` after `elapsed` (request head to response head).
+    /// Counts a request answered with `status` that ended with `outcome` after `elapsed`
+    /// (request head to the end of the response).
     pub(crate) fn request_answered(
         &self,
         listener: Listener,
         status: http::StatusCode,
+        outcome: Outcome,
         elapsed: Duration,
     ) {
         let listener = listener.as_str();
         self.http_requests
-            .with_label_values(&[listener, status.as_str()])
+            .with_label_values(&[listener, status.as_str(), outcome.as_str()])
             .inc();
         self.http_request_duration
             .with_label_values(&[listener])
@@ -294,17 +360,46 @@ impl Metrics {
             .inc();
     }
 
-    /// Records how long the upstream took to answer (or fail).
-    pub(crate) fn upstream_request_finished(&self, elapsed: Duration) {
-        self.upstream_request_duration
-            .observe(elapsed.as_secs_f64());
+    /// The metrics of backend `label`, its series exported (at 0) from now on.
+    pub(crate) fn backend(&self, label: &str) -> BackendMetrics {
+        let upstream = &self.upstream;
+        let errors = UpstreamFailure::iter()
+            .map(|kind| upstream.errors.with_label_values(&[label, kind.as_str()]))
+            .collect();
+        BackendMetrics {
+            request_duration: upstream.request_duration.with_label_values(&[label]),
+            errors,
+            requests: upstream.requests.with_label_values(&[label]),
+            retries: upstream.retries.with_label_values(&[label]),
+            healthy: upstream.healthy.with_label_values(&[label]),
+            in_flight: upstream.in_flight.with_label_values(&[label]),
+            ejections: upstream.ejections.with_label_values(&[label]),
+        }
     }
 
-    /// Counts a failed upstream request.
-    pub(crate) fn upstream_failed(&self, kind: UpstreamFailure) {
-        self.upstream_errors
-            .with_label_values(&[kind.as_str()])
-            .inc();
+    /// Stops exporting backend `label` (removed from the pool by a reload).
+    pub(crate) fn backend_removed(&self, label: &str) {
+        let upstream = &self.upstream;
+        for kind in UpstreamFailure::iter() {
+            let _ = upstream.errors.remove_label_values(&[label, kind.as_str()]);
+        }
+        for vec in [&upstream.requests, &upstream.retries, &upstream.ejections] {
+            let _ = vec.remove_label_values(&[label]);
+        }
+        for vec in [&upstream.healthy, &upstream.in_flight] {
+            let _ = vec.remove_label_values(&[label]);
+        }
+        let _ = upstream.request_duration.remove_label_values(&[label]);
+    }
+
+    /// Counts a retry the budget did not allow.
+    pub(crate) fn retry_refused(&self) {
+        self.upstream.retries_refused.inc();
+    }
+
+    /// Sets whether the pool is failing open (no backend healthy).
+    pub(crate) fn set_fail_open(&self, failing_open: bool) {
+        self.upstream.fail_open.set(i64::from(failing_open));
     }
 
     /// Counts a reload or renewal outcome.
@@ -335,6 +430,81 @@ impl Metrics {
     }
 }
 
+/// The upstream pool's metric families.
+#[derive(Clone)]
+struct UpstreamMetrics {
+    request_duration: HistogramVec,
+    errors: IntCounterVec,
+    requests: IntCounterVec,
+    retries: IntCounterVec,
+    retries_refused: IntCounter,
+    healthy: IntGaugeVec,
+    in_flight: IntGaugeVec,
+    ejections: IntCounterVec,
+    fail_open: prometheus::IntGauge,
+}
+
+/// One backend's series, resolved once so that requests do not look labels up.
+#[derive(Clone)]
+pub(crate) struct BackendMetrics {
+    request_duration: Histogram,
+    /// Indexed like `UpstreamFailure::iter()`.
+    errors: Vec<IntCounter>,
+    requests: IntCounter,
+    retries: IntCounter,
+    healthy: prometheus::IntGauge,
+    in_flight: prometheus::IntGauge,
+    ejections: IntCounter,
+}
+
+impl BackendMetrics {
+    /// Counts a request sent to the backend; it is in flight until the guard drops.
+    pub(crate) fn request_sent(&self) -> BackendInFlight {
+        self.requests.inc();
+        self.in_flight.inc();
+        BackendInFlight(self.in_flight.clone())
+    }
+
+    /// Records how long the backend took to answer with a head (or fail).
+    pub(crate) fn answered(&self, elapsed: Duration) {
+        self.request_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a failed request.
+    pub(crate) fn failed(&self, kind: UpstreamFailure) {
+        if let Some(counter) = UpstreamFailure::iter()
+            .position(|k| k == kind)
+            .and_then(|i| self.errors.get(i))
+        {
+            counter.inc();
+        }
+    }
+
+    /// Counts a request this backend failed that is retried on another.
+    pub(crate) fn retried(&self) {
+        self.retries.inc();
+    }
+
+    /// Counts an ejection for failing live requests.
+    pub(crate) fn ejected(&self) {
+        self.ejections.inc();
+    }
+
+    /// Sets whether the backend is in the pool.
+    pub(crate) fn set_healthy(&self, healthy: bool) {
+        self.healthy.set(i64::from(healthy));
+    }
+}
+
+/// A request a backend is answering, counted in `proxy_upstream_requests_in_flight`.
+pub(crate) struct BackendInFlight(prometheus::IntGauge);
+
+impl Drop for BackendInFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// An open client connection, counted in `proxy_connections_open` until dropped.
 pub(crate) struct OpenConnection(prometheus::IntGauge);
 
@@ -354,10 +524,11 @@ mod tests {
         metrics.request_answered(
             Listener::Https,
             http::StatusCode::OK,
+            Outcome::Complete,
             Duration::from_millis(1),
         );
         metrics.tls_handshake_failed(TlsFailure::Timeout);
-        metrics.upstream_failed(UpstreamFailure::Connect);
+        metrics.backend("b:1").failed(UpstreamFailure::Connect);
         metrics.certificate_expires(Certificate::Leaf, 1.0);
         metrics.reloaded(Reloaded::Tls, true);
         let text = String::from_utf8(metrics.render()).expect("utf8");
@@ -370,6 +541,13 @@ mod tests {
             "proxy_connections_total",
             "proxy_upstream_request_duration_seconds",
             "proxy_upstream_errors_total",
+            "proxy_upstream_requests_total",
+            "proxy_upstream_retries_total",
+            "proxy_upstream_retries_refused_total",
+            "proxy_upstream_healthy",
+            "proxy_upstream_requests_in_flight",
+            "proxy_upstream_ejections_total",
+            "proxy_upstream_fail_open",
             "proxy_certificate_expiry_timestamp_seconds",
             "proxy_reloads_total",
             "proxy_state_write_failures_total",
@@ -386,6 +564,7 @@ mod tests {
     #[test]
     fn declared_label_values_exist_at_zero() {
         let metrics = Metrics::new().expect("metrics register");
+        let _backend = metrics.backend("b:1");
         let text = String::from_utf8(metrics.render()).expect("utf8");
         let expect = |series: String| {
             assert!(
@@ -401,7 +580,7 @@ mod tests {
         }
         for kind in UpstreamFailure::iter() {
             expect(format!(
-                "proxy_upstream_errors_total{{kind=\"{}\"}}",
+                "proxy_upstream_errors_total{{backend=\"b:1\",kind=\"{}\"}}",
                 kind.as_str()
             ));
         }

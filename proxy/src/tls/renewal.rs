@@ -47,9 +47,11 @@ impl TlsManager {
         })
     }
 
-    /// SIGHUP: re-read the config file, then the certificates it names.
-    pub(crate) async fn reload(&self) {
+    /// SIGHUP: re-read the config file, then the certificates it names. Returns the new
+    /// configuration when it was read, for the other layers to apply.
+    pub(crate) async fn reload(&self) -> Option<Config> {
         let mut config = self.config.lock().await;
+        let mut reloaded = None;
         let load = self.load.clone();
         match tokio::task::spawn_blocking(move || load()).await {
             Ok(Ok(new)) => {
@@ -57,7 +59,8 @@ impl TlsManager {
                 if !restart_only.is_empty() {
                     tracing::warn!(settings = ?restart_only, "these settings change only at restart; keeping the running values");
                 }
-                *config = new;
+                *config = new.clone();
+                reloaded = Some(new);
                 self.metrics.reloaded(Reloaded::Config, true);
             }
             Ok(Err(e)) => {
@@ -75,6 +78,7 @@ impl TlsManager {
                 .await;
         self.apply(Reloaded::Tls, outcome);
         self.reloaded.notify_one();
+        reloaded
     }
 
     /// Renews the leaf whenever it falls due, until `shutdown`.

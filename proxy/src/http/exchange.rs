@@ -1,0 +1,200 @@
+//! One exchange, from the request head to the end of its response, counted and logged once,
+//! when the response ends: whole (`complete`), broken off by the backend, or cut by a
+//! deadline or by the client leaving. The response body carries the record to that end.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf as _, Bytes};
+use http::{Method, StatusCode, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+
+use crate::ebpf::KernelTimings;
+use crate::http::deadlines::{Activity, BodyDeadline, Closed, InFlight, SendWatch};
+use crate::http::responses::{Body, BoxError};
+use crate::http::upstream::UpstreamReport;
+use crate::telemetry::logging::ACCESS_TARGET;
+use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics, Outcome, UpstreamFailure};
+
+/// What is known of an exchange once its response head is ready.
+pub(crate) struct Exchange {
+    pub(crate) metrics: Metrics,
+    pub(crate) started: Instant,
+    pub(crate) listener: Listener,
+    pub(crate) peer: SocketAddr,
+    pub(crate) method: Method,
+    pub(crate) host: String,
+    pub(crate) path: String,
+    pub(crate) version: Version,
+    pub(crate) status: StatusCode,
+    pub(crate) tls_handshake: Option<Duration>,
+    pub(crate) kernel: Option<KernelTimings>,
+    pub(crate) upstream: Option<UpstreamReport>,
+}
+
+impl Exchange {
+    /// Counts and logs the exchange as ended with `outcome` after `bytes` of body.
+    fn finish(self, outcome: Outcome, bytes: u64) {
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .request_answered(self.listener, self.status, outcome, elapsed);
+        let upstream = self.upstream.as_ref();
+        if let Some(report) = upstream {
+            match outcome {
+                Outcome::UpstreamTimeout => report.metrics.failed(UpstreamFailure::BodyTimeout),
+                Outcome::UpstreamError => report.metrics.failed(UpstreamFailure::BodyError),
+                _ => {}
+            }
+        }
+        // A root event: its fields say whose request it was, and its format stays the same
+        // whatever spans surround it.
+        tracing::info!(
+            target: ACCESS_TARGET,
+            parent: None,
+            listener = self.listener.as_str(),
+            peer = %self.peer,
+            method = %self.method,
+            host = self.host,
+            path = self.path,
+            version = ?self.version,
+            status = self.status.as_u16(),
+            outcome = outcome.as_str(),
+            bytes,
+            duration_ms = millis(elapsed),
+            tcp_handshake_ms = self.kernel.and_then(|k| k.handshake).map(millis),
+            accept_wait_ms = self.kernel.map(|k| millis(k.accept_wait)),
+            tls_handshake_ms = self.tls_handshake.map(millis),
+            backend = upstream.map(|u| &*u.backend),
+            upstream_status = upstream.and_then(|u| u.status).map(|s| s.as_u16()),
+            upstream_ms = upstream.map(|u| millis(u.head_time)),
+            retries = upstream.map(|u| u.retries),
+            "request"
+        );
+    }
+
+    /// The outcome of a body that failed with `error`.
+    fn failure(&self, error: &BoxError) -> Outcome {
+        let client_body_late = self
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.client_body_timed_out.load(Ordering::Acquire));
+        match error.downcast_ref::<BodyDeadline>() {
+            Some(BodyDeadline::Upstream) => Outcome::UpstreamTimeout,
+            Some(BodyDeadline::Client) => Outcome::ClientTimeout,
+            None if client_body_late => Outcome::ClientTimeout,
+            None => Outcome::UpstreamError,
+        }
+    }
+}
+
+/// Milliseconds rounded to microseconds, for log fields.
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// A response body that keeps its request in flight until it ends, watches the client take
+/// it, and finishes its exchange when it ends, fails or is dropped.
+pub(crate) struct TrackedBody {
+    inner: Body,
+    exchange: Option<Box<Exchange>>,
+    bytes: u64,
+    activity: Arc<Activity>,
+    /// Present while a streamed body waits for the client between frames.
+    watch: Option<SendWatch>,
+    _in_flight: InFlight,
+}
+
+impl TrackedBody {
+    pub(crate) fn new(
+        inner: Body,
+        exchange: Exchange,
+        activity: Arc<Activity>,
+        in_flight: InFlight,
+    ) -> Self {
+        let mut body = TrackedBody {
+            inner,
+            exchange: Some(Box::new(exchange)),
+            bytes: 0,
+            activity,
+            watch: None,
+            _in_flight: in_flight,
+        };
+        // hyper never polls a body that is over before it starts (HEAD, 204, a redirect).
+        if body.inner.is_end_stream() {
+            body.finish(Outcome::Complete);
+        }
+        body
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.watch = None;
+        if let Some(exchange) = self.exchange.take() {
+            exchange.finish(outcome, self.bytes);
+        }
+    }
+}
+
+impl HttpBody for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(watch) = &this.watch {
+            watch.asked();
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Pending => {}
+            Poll::Ready(None) => this.finish(Outcome::Complete),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.remaining() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(Outcome::Complete);
+                } else if let Some(watch) = &this.watch {
+                    watch.handed_over();
+                } else if this.exchange.is_some() {
+                    this.watch = Some(SendWatch::start(&this.activity));
+                }
+            }
+            Poll::Ready(Some(Err(error))) => {
+                let outcome = this
+                    .exchange
+                    .as_ref()
+                    .map_or(Outcome::UpstreamError, |e| e.failure(error));
+                this.finish(outcome);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if self.exchange.is_some() {
+            let outcome = match self.activity.closed_by_proxy() {
+                Some(Closed::SendTimeout) => Outcome::ClientTimeout,
+                Some(Closed::Drain) => Outcome::Aborted,
+                None => Outcome::ClientClosed,
+            };
+            self.finish(outcome);
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! Upstream mode: forward HTTPS requests to a pool of backends over pooled HTTP/1.1
+//! clients, with `Forwarded`/`X-Forwarded-*` added and hop-by-hop headers removed.
+//!
+//! Each request goes to the backend the pool chooses (`pool.rs`). A request that failed
+//! before any of its bytes reached a backend (no connection, a pooled connection found
+//! closed) is retried once on another backend; one that failed after, only if its method is
+//! idempotent (RFC 9110 9.2.2), its body can be sent again and no byte of a response came
+//! back. Retries are bounded by the budget (`budget.rs`). Failures become 502/504 with a
+//! plain-text reason and are counted per backend and kind.
+//!
+//! Deadlines: connect, response head (`--upstream-timeout`), response body idle
+//! (`--upstream-body-timeout`) and request body idle (`--client-body-timeout`: 408 before a
+//! response, a broken response after).
+
+mod body;
+mod budget;
+mod connector;
+mod headers;
+mod health;
+mod pool;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::HOST;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BackendAddress, UpstreamConfig};
+use crate::ebpf::KernelObserver;
+use crate::error_chain::error_chain;
+use crate::http::deadlines::{BodyDeadline, IdleTimeout};
+use crate::http::responses::{Body, text};
+use crate::telemetry::metrics::{BackendMetrics, LabelValue as _, Metrics, UpstreamFailure};
+use body::RequestBody;
+use budget::RetryBudget;
+use pool::{Backend, Pool};
+
+pub(crate) use pool::BackendLoad;
+
+/// Why the pool could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {backend}: {reason}")]
+pub struct UpstreamError {
+    backend: String,
+    reason: String,
+}
+
+/// The upstream pool and how requests are sent to it.
+pub(crate) struct Upstream {
+    pool: ArcSwap<Pool>,
+    config: ArcSwap<UpstreamConfig>,
+    budget: RetryBudget,
+    metrics: Metrics,
+    kernel: Option<Arc<KernelObserver>>,
+    /// Stops the running health checks when a reload changes how they are made.
+    checks: Mutex<CancellationToken>,
+    failing_open: AtomicBool,
+    /// Deadline for a client's request body between two pieces.
+    client_body_timeout: Duration,
+}
+
+/// What the access log and the metrics need to know about the backend side of a request.
+pub(crate) struct UpstreamReport {
+    /// The backend that answered (or failed last).
+    pub(crate) backend: Arc<str>,
+    /// The backend's status, if it answered.
+    pub(crate) status: Option<StatusCode>,
+    /// Request sent to response head (or failure), of the last attempt.
+    pub(crate) head_time: Duration,
+    /// Retries made.
+    pub(crate) retries: u32,
+    /// The backend's series, for failures of the body.
+    pub(crate) metrics: BackendMetrics,
+    /// Set when the client's request body missed its deadline.
+    pub(crate) client_body_timed_out: Arc<AtomicBool>,
+    /// Keeps the request counted against the backend's load until the response ends.
+    pub(crate) _load: Option<BackendLoad>,
+}
+
+impl Upstream {
+    /// Resolves the backends' names and starts their health checks. A name that does not
+    /// resolve fails the start.
+    pub(crate) async fn start(
+        config: &UpstreamConfig,
+        client_body_timeout: Duration,
+        metrics: Metrics,
+        kernel: Option<Arc<KernelObserver>>,
+    ) -> Result<Arc<Self>, UpstreamError> {
+        let mut backends = Vec::new();
+        for address in &config.backends {
+            let addrs = resolve(address).await.map_err(|reason| UpstreamError {
+                backend: address.label.clone(),
+                reason,
+            })?;
+            backends.push(Backend::new(
+                address.clone(),
+                addrs,
+                config,
+                &metrics,
+                kernel.clone(),
+            ));
+        }
+        let upstream = Arc::new(Upstream {
+            pool: ArcSwap::from_pointee(Pool { backends }),
+            config: ArcSwap::from_pointee(config.clone()),
+            budget: RetryBudget::new(config.retry_budget_percent),
+            metrics,
+            kernel,
+            checks: Mutex::new(CancellationToken::new()),
+            failing_open: AtomicBool::new(false),
+            client_body_timeout,
+        });
+        upstream.metrics.set_fail_open(false);
+        upstream.start_checks(&upstream.pool.load().backends);
+        Ok(upstream)
+    }
+
+    fn start_checks(&self, backends: &[Arc<Backend>]) {
+        let stop = self
+            .checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let check = self.config.load().health.clone();
+        for backend in backends {
+            let backend = backend.clone();
+            let check = check.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = health::check_forever(backend, check) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+    }
+
+    /// Applies a reloaded configuration: backends that stay keep their connections and
+    /// health; new ones join; removed ones leave the pool at once and finish the requests
+    /// they have in flight. A name that no longer resolves keeps its previous addresses.
+    pub(crate) async fn reconfigure(&self, config: &UpstreamConfig) {
+        let old_config = self.config.load_full();
+        let old = self.pool.load_full();
+        let same_connections = old_config.connect_timeout == config.connect_timeout;
+        let mut backends = Vec::new();
+        let mut fresh = Vec::new();
+        for address in &config.backends {
+            let existing = old.backends.iter().find(|b| b.address == *address);
+            let addrs = match (resolve(address).await, existing) {
+                (Ok(addrs), _) => addrs,
+                (Err(reason), Some(existing)) => {
+                    tracing::warn!(backend = %address.label, %reason, "backend name no longer resolves; keeping its previous addresses");
+                    existing.addrs.clone()
+                }
+                (Err(reason), None) => {
+                    tracing::error!(backend = %address.label, %reason, "new backend left out: its name does not resolve");
+                    continue;
+                }
+            };
+            match existing {
+                Some(existing) if existing.addrs == addrs && same_connections => {
+                    backends.push(existing.clone());
+                }
+                _ => {
+                    let backend = Backend::new(
+                        address.clone(),
+                        addrs,
+                        config,
+                        &self.metrics,
+                        self.kernel.clone(),
+                    );
+                    if existing.is_none() {
+                        tracing::info!(backend = %address.label, "backend joins the pool");
+                    }
+                    fresh.push(backend.clone());
+                    backends.push(backend);
+                }
+            }
+        }
+        if backends.is_empty() {
+            tracing::error!("no configured backend resolves; keeping the previous pool");
+            return;
+        }
+        for gone in &old.backends {
+            if !backends.iter().any(|b| Arc::ptr_eq(b, gone)) {
+                gone.retired.cancel();
+                if !backends.iter().any(|b| b.label == gone.label) {
+                    self.metrics.backend_removed(&gone.label);
+                    tracing::info!(backend = %gone.label, "backend leaves the pool; its requests in flight finish");
+                }
+            }
+        }
+        self.config.store(Arc::new(config.clone()));
+        self.pool.store(Arc::new(Pool {
+            backends: backends.clone(),
+        }));
+        if old_config.health != config.health {
+            // Every check restarts with the new settings; health states carry over.
+            let stop = std::mem::take(&mut *self.checks.lock().unwrap_or_else(|e| e.into_inner()));
+            stop.cancel();
+            self.start_checks(&backends);
+        } else {
+            self.start_checks(&fresh);
+        }
+    }
+
+    /// Forwards `request` from client `peer`: the response (the backend's, or a 502/504/408
+    /// saying why there is none) and what happened on the backend side.
+    pub(crate) async fn forward(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (Response<Body>, Option<UpstreamReport>) {
+        let (mut parts, body) = request.into_parts();
+        let original_host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            });
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/")
+            .to_owned();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::add_forwarding(&mut parts.headers, peer, original_host.as_deref());
+        let client_body_timed_out = Arc::new(AtomicBool::new(false));
+        let body = RequestBody::new(
+            IdleTimeout::new(body, self.client_body_timeout, BodyDeadline::Client)
+                .flagging(client_body_timed_out.clone()),
+        );
+
+        let config = self.config.load();
+        let pool = self.pool.load();
+        self.budget.request();
+        let mut tried: Vec<Arc<Backend>> = Vec::with_capacity(2);
+        let mut next_body = Some(body);
+        loop {
+            let Some(body) = next_body.take() else {
+                break;
+            };
+            let Some((backend, fail_open)) = pool.choose(&tried) else {
+                break;
+            };
+            self.note_fail_open(fail_open);
+            let Ok(uri) = Uri::builder()
+                .scheme("http")
+                .authority(backend.label.as_ref())
+                .path_and_query(path_and_query.as_str())
+                .build()
+            else {
+                return (
+                    text(
+                        StatusCode::BAD_REQUEST,
+                        "request target cannot be forwarded\n",
+                    ),
+                    None,
+                );
+            };
+            let resend = body.again();
+            let mut attempt = Request::new(body);
+            *attempt.method_mut() = parts.method.clone();
+            *attempt.uri_mut() = uri;
+            *attempt.version_mut() = Version::HTTP_11;
+            *attempt.headers_mut() = parts.headers.clone();
+
+            let load = backend.load();
+            let started = Instant::now();
+            let outcome =
+                tokio::time::timeout(config.timeout, backend.client.request(attempt)).await;
+            let head_time = started.elapsed();
+            backend.metrics.answered(head_time);
+            let retries = u32::try_from(tried.len()).unwrap_or(u32::MAX);
+            let report = |status: Option<StatusCode>, load: Option<BackendLoad>| UpstreamReport {
+                backend: backend.label.clone(),
+                status,
+                head_time,
+                retries,
+                metrics: backend.metrics.clone(),
+                client_body_timed_out: client_body_timed_out.clone(),
+                _load: load,
+            };
+            match outcome {
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    if status.is_server_error() {
+                        self.failed_live(&backend, &config);
+                    } else {
+                        backend.succeeded_live();
+                    }
+                    let (mut head, body) = response.into_parts();
+                    headers::remove_hop_by_hop(&mut head.headers);
+                    let body =
+                        IdleTimeout::new(body, config.body_timeout, BodyDeadline::Upstream).boxed();
+                    return (
+                        Response::from_parts(head, body),
+                        Some(report(Some(status), Some(load))),
+                    );
+                }
+                Ok(Err(e)) => {
+                    drop(load);
+                    if client_body_timed_out.load(Ordering::Acquire) {
+                        tracing::info!(%peer, backend = %backend.label, "client request body timed out");
+                        return (
+                            text(StatusCode::REQUEST_TIMEOUT, "request body timed out\n"),
+                            Some(report(None, None)),
+                        );
+                    }
+                    let kind = if e.is_connect() {
+                        UpstreamFailure::Connect
+                    } else {
+                        UpstreamFailure::Protocol
+                    };
+                    backend.metrics.failed(kind);
+                    self.failed_live(&backend, &config);
+                    let unsent = e.is_connect() || nothing_sent(&e);
+                    let may_retry = unsent || (is_idempotent(&parts.method) && no_response(&e));
+                    if may_retry
+                        && tried.is_empty()
+                        && let Some(again) = resend.and_then(|b| b.again())
+                    {
+                        tried.push(backend.clone());
+                        if pool.choose(&tried).is_some() && self.take_retry() {
+                            backend.metrics.retried();
+                            tracing::info!(error = %error_chain(&e), kind = kind.as_str(), %peer, backend = %backend.label, "upstream request failed; retrying on another backend");
+                            next_body = Some(again);
+                            continue;
+                        }
+                        tried.pop();
+                    }
+                    let kind = kind.as_str();
+                    tracing::warn!(error = %error_chain(&e), kind, %peer, backend = %backend.label, "upstream request failed");
+                    return (
+                        text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("upstream unavailable ({kind} error)\n"),
+                        ),
+                        Some(report(None, None)),
+                    );
+                }
+                Err(_) => {
+                    drop(load);
+                    backend.metrics.failed(UpstreamFailure::Timeout);
+                    tracing::warn!(timeout = ?config.timeout, %peer, backend = %backend.label, "upstream timed out");
+                    return (
+                        text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
+                        Some(report(None, None)),
+                    );
+                }
+            }
+        }
+        (text(StatusCode::BAD_GATEWAY, "no upstream backend\n"), None)
+    }
+
+    /// Takes a retry from the budget, counting the refusal if it is spent.
+    fn take_retry(&self) -> bool {
+        let allowed = self.budget.try_retry();
+        if !allowed {
+            self.metrics.retry_refused();
+        }
+        allowed
+    }
+
+    fn failed_live(&self, backend: &Backend, config: &UpstreamConfig) {
+        if backend.failed_live(config.eject_after) {
+            tracing::warn!(backend = %backend.label, failures = config.eject_after, "backend ejected: consecutive failed requests; it returns when its health check passes");
+        }
+    }
+
+    /// Says once when the pool starts and stops failing open.
+    fn note_fail_open(&self, fail_open: bool) {
+        if self.failing_open.load(Ordering::Relaxed) == fail_open {
+            return;
+        }
+        if self.failing_open.swap(fail_open, Ordering::AcqRel) != fail_open {
+            self.metrics.set_fail_open(fail_open);
+            if fail_open {
+                tracing::warn!(
+                    "no healthy backend: sending requests to all of them anyway (failing open)"
+                );
+            } else {
+                tracing::info!("a backend is healthy again: no longer failing open");
+            }
+        }
+    }
+}
+
+/// RFC 9110 9.2.2: methods whose repetition has the effect of one request.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Whether the request never left: a pooled connection found closed before it was written.
+fn nothing_sent(error: &hyper_util::client::legacy::Error) -> bool {
+    causes(error).any(|cause| {
+        cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+    })
+}
+
+/// Whether the backend sent no byte of a response: the connection closed or was reset
+/// before any. A malformed response (bytes came back) or a timeout does not qualify.
+fn no_response(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut closed = false;
+    for cause in causes(error) {
+        if let Some(e) = cause.downcast_ref::<hyper::Error>() {
+            if e.is_parse() || e.is_parse_status() || e.is_timeout() {
+                return false;
+            }
+            closed |= e.is_incomplete_message() || e.is_canceled();
+        }
+        if let Some(e) = cause.downcast_ref::<std::io::Error>() {
+            closed |= matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+    }
+    closed
+}
+
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
+}
+
+/// The addresses `address` names now.
+async fn resolve(address: &BackendAddress) -> Result<Vec<SocketAddr>, String> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((address.host.as_str(), address.port))
+        .await
+        .map_err(|e| format!("resolving {}: {e}", address.host))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{} resolves to no address", address.host));
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotent_methods_are_rfc_9110s() {
+        for method in ["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"] {
+            assert!(is_idempotent(&method.parse().expect("method")), "{method}");
+        }
+        for method in ["POST", "PATCH", "CONNECT"] {
+            assert!(!is_idempotent(&method.parse().expect("method")), "{method}");
+        }
+    }
+
+    #[tokio::test]
+    async fn names_resolve_and_bad_ones_say_why() {
+        let local = BackendAddress {
+            label: "localhost:80".into(),
+            host: "localhost".into(),
+            port: 80,
+        };
+        assert!(
+            !resolve(&local)
+                .await
+                .expect("localhost resolves")
+                .is_empty()
+        );
+        let bad = BackendAddress {
+            label: "no-such-host.invalid:80".into(),
+            host: "no-such-host.invalid".into(),
+            port: 80,
+        };
+        let reason = resolve(&bad).await.expect_err("does not resolve");
+        assert!(reason.contains("no-such-host.invalid"), "{reason}");
+    }
+}
