@@ -15,7 +15,7 @@ use std::time::Duration;
 
 pub use error::ConfigError;
 pub(crate) use file::ConfigFile;
-pub(crate) use settings::{DEFAULT_LEAF_LIFETIME, DEFAULT_STATE_DIR, EbpfMode, Settings};
+pub(crate) use settings::{Balance, DEFAULT_LEAF_LIFETIME, DEFAULT_STATE_DIR, EbpfMode, Settings};
 
 use crate::names::ServedName;
 
@@ -64,6 +64,7 @@ pub(crate) enum TlsSource {
 pub(crate) struct UpstreamConfig {
     /// At least one; no two the same.
     pub(crate) backends: Vec<BackendAddress>,
+    pub(crate) balance: Balance,
     /// Deadline for a response head.
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
@@ -325,6 +326,7 @@ fn upstream_config(settings: &Settings) -> Result<Option<UpstreamConfig>, Config
     }
     let config = UpstreamConfig {
         backends,
+        balance: settings.balance,
         timeout: nonzero("upstream_timeout", settings.upstream_timeout)?,
         connect_timeout: nonzero(
             "upstream_connect_timeout",

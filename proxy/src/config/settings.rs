@@ -64,6 +64,10 @@ pub(crate) struct Settings {
     /// and at reload.
     #[arg(long, env = "PROXY_UPSTREAM", value_delimiter = ',')]
     pub(crate) upstream: Vec<String>,
+    /// How a request's backend is chosen: the less loaded of two drawn at random, or each
+    /// in turn.
+    #[arg(long, env = "PROXY_BALANCE", value_enum, default_value = "p2c")]
+    pub(crate) balance: Balance,
     /// Deadline for a whole upstream response head.
     #[arg(long, env = "PROXY_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) upstream_timeout: Duration,
@@ -137,6 +141,16 @@ pub(crate) struct Settings {
     /// Kernel metrics from eBPF: attach when possible, require, or turn off.
     #[arg(long, env = "PROXY_EBPF", value_enum, default_value = "auto")]
     pub(crate) ebpf: EbpfMode,
+}
+
+/// How the upstream pool picks a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Balance {
+    /// Power of two choices: of two healthy backends drawn at random, the one with fewer
+    /// requests in flight.
+    P2c,
+    /// Each healthy backend in turn, whatever its load.
+    RoundRobin,
 }
 
 /// Whether to attach the eBPF kernel observer.

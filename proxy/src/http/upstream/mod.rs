@@ -20,7 +20,7 @@ mod health;
 mod pool;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,7 +107,11 @@ impl Upstream {
             ));
         }
         let upstream = Arc::new(Upstream {
-            pool: ArcSwap::from_pointee(Pool { backends }),
+            pool: ArcSwap::from_pointee(Pool {
+                backends,
+                balance: config.balance,
+                turn: AtomicUsize::new(0),
+            }),
             config: ArcSwap::from_pointee(config.clone()),
             budget: RetryBudget::new(config.retry_budget_percent),
             metrics,
@@ -199,6 +203,8 @@ impl Upstream {
         self.config.store(Arc::new(config.clone()));
         self.pool.store(Arc::new(Pool {
             backends: backends.clone(),
+            balance: config.balance,
+            turn: AtomicUsize::new(0),
         }));
         if old_config.health != config.health {
             // Every check restarts with the new settings; health states carry over.

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::RequestBody;
 use super::connector::Connector;
-use crate::config::{BackendAddress, UpstreamConfig};
+use crate::config::{BackendAddress, Balance, UpstreamConfig};
 use crate::ebpf::KernelObserver;
 use crate::telemetry::metrics::{BackendInFlight, BackendMetrics, Metrics};
 
@@ -160,6 +160,9 @@ impl Drop for BackendLoad {
 #[derive(Debug)]
 pub(super) struct Pool {
     pub(super) backends: Vec<Arc<Backend>>,
+    pub(super) balance: Balance,
+    /// Round robin's position.
+    pub(super) turn: AtomicUsize,
 }
 
 impl Pool {
@@ -173,7 +176,7 @@ impl Pool {
             .filter(|b| b.is_healthy() && untried(b))
             .count();
         if healthy > 0 {
-            let pick = power_of_two(
+            let pick = self.pick(
                 self.backends
                     .iter()
                     .filter(|b| b.is_healthy() && untried(b)),
@@ -185,7 +188,23 @@ impl Pool {
         // first attempt with none healthy at all is failing open.
         let any_healthy = self.backends.iter().any(|b| b.is_healthy());
         let candidates = self.backends.iter().filter(untried).count();
-        power_of_two(self.backends.iter().filter(untried), candidates).map(|b| (b, !any_healthy))
+        self.pick(self.backends.iter().filter(untried), candidates)
+            .map(|b| (b, !any_healthy))
+    }
+
+    fn pick<'a>(
+        &self,
+        candidates: impl Iterator<Item = &'a Arc<Backend>> + Clone,
+        count: usize,
+    ) -> Option<Arc<Backend>> {
+        match self.balance {
+            Balance::P2c => power_of_two(candidates, count),
+            Balance::RoundRobin if count == 0 => None,
+            Balance::RoundRobin => {
+                let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+                candidates.clone().nth(turn % count).cloned()
+            }
+        }
     }
 }
 
@@ -223,6 +242,7 @@ mod tests {
         let metrics = Metrics::new().expect("metrics");
         let config = crate::config::UpstreamConfig {
             backends: Vec::new(),
+            balance: Balance::P2c,
             timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             body_timeout: Duration::from_secs(1),
@@ -254,6 +274,8 @@ mod tests {
         let sick = backend("sick:1", 0, false);
         let pool = Pool {
             backends: vec![idle.clone(), busy.clone(), sick.clone()],
+            balance: Balance::P2c,
+            turn: AtomicUsize::new(0),
         };
         for _ in 0..100 {
             let (chosen, fail_open) = pool.choose(&[]).expect("a backend");
@@ -273,11 +295,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn round_robin_takes_turns_whatever_the_load() {
+        let idle = backend("idle:1", 0, true);
+        let busy = backend("busy:1", 50, true);
+        let pool = Pool {
+            backends: vec![idle, busy.clone()],
+            balance: Balance::RoundRobin,
+            turn: AtomicUsize::new(0),
+        };
+        let busy_turns = (0..100)
+            .filter(|_| Arc::ptr_eq(&pool.choose(&[]).expect("a backend").0, &busy))
+            .count();
+        assert_eq!(busy_turns, 50);
+    }
+
+    #[tokio::test]
     async fn no_healthy_backend_fails_open() {
         let a = backend("a:1", 0, false);
         let b = backend("b:1", 0, false);
         let pool = Pool {
             backends: vec![a, b],
+            balance: Balance::P2c,
+            turn: AtomicUsize::new(0),
         };
         let (_, fail_open) = pool.choose(&[]).expect("still a backend");
         assert!(fail_open);
