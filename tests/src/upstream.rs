@@ -28,6 +28,15 @@ pub enum Behaviour {
     Big(usize),
     /// This status code with a short text body.
     Status(u16),
+    /// 200 declaring `declared` body bytes, sending `sent` of them, then nothing more while
+    /// the connection stays open.
+    StallMidBody { declared: usize, sent: usize },
+    /// 200 declaring `declared` body bytes, sending `sent` of them, then closing.
+    CloseMidBody { declared: usize, sent: usize },
+    /// Reads the request and never answers (the connection stays open).
+    NeverAnswer,
+    /// Reads the request and resets the connection (RST, no response byte).
+    Reset,
 }
 
 /// The body [`Behaviour::Big`] sends: `len` bytes of `0123456789` repeated.
@@ -116,8 +125,48 @@ async fn answer(mut sock: TcpStream, behaviour: Behaviour, heads: Arc<Mutex<Vec<
             format!("X-Echo-Length: {}\r\n", req.body.len()),
             req.body,
         ),
-        Behaviour::Big(len) => (200, String::new(), big_body(len)),
+        Behaviour::Big(len) => {
+            // Streamed in pieces: many clients may ask for a large body at once.
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            // A multiple of 10 long, so that the pieces continue the pattern of `big_body`.
+            let piece = big_body(64_000);
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(piece.len());
+                if sock.write_all(&piece[..n]).await.is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            let _ = sock.shutdown().await;
+            return;
+        }
         Behaviour::Status(code) => (code, String::new(), format!("status {code}").into_bytes()),
+        Behaviour::StallMidBody { declared, sent } | Behaviour::CloseMidBody { declared, sent } => {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {declared}\r\n\r\n"
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(&big_body(sent)).await;
+            let _ = sock.flush().await;
+            if matches!(behaviour, Behaviour::StallMidBody { .. }) {
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            }
+            return;
+        }
+        Behaviour::NeverAnswer => {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            return;
+        }
+        Behaviour::Reset => {
+            // Linger 0: close() sends RST instead of FIN.
+            let _ = sock.set_zero_linger();
+            drop(sock);
+            return;
+        }
     };
     let head = format!(
         "HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",

@@ -39,6 +39,15 @@ pub(crate) struct Exchange {
 impl Exchange {
     /// Counts and logs the exchange as ended with `outcome` after `bytes` of body.
     fn finish(self, outcome: Outcome, bytes: u64) {
+        // A whole 408 is still an exchange the client's slowness cut short.
+        let client_body_late = self
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.client_body_timed_out.load(Ordering::Acquire));
+        let outcome = match outcome {
+            Outcome::Complete if client_body_late => Outcome::ClientTimeout,
+            other => other,
+        };
         let elapsed = self.started.elapsed();
         self.metrics
             .request_answered(self.listener, self.status, outcome, elapsed);

@@ -320,3 +320,68 @@ pub fn serial_of(der: &CertificateDer<'_>) -> String {
         .unwrap_or_else(|e| panic!("the served certificate does not parse: {e}"));
     cert.raw_serial_as_string()
 }
+
+/// A response as far as it came: its head, the body bytes that arrived, and how the body
+/// ended (`Err` for a broken transfer: HTTP/1.1 closed short of its length or last chunk,
+/// HTTP/2 reset).
+#[derive(Debug)]
+pub struct Streamed {
+    /// Status code.
+    pub status: StatusCode,
+    /// Body bytes received before the end.
+    pub received: usize,
+    /// How the body ended.
+    pub end: Result<(), String>,
+    /// From sending the request to the end of the body.
+    pub elapsed: std::time::Duration,
+}
+
+/// Sends `req` over a new TLS connection and reads the response as far as it comes, without
+/// treating a broken body as a failed request.
+pub async fn https_streamed(opts: &TlsOptions, req: Req) -> Result<Streamed, String> {
+    let conn = tls_connect(HTTPS, opts).await?;
+    let started = std::time::Instant::now();
+    let TlsConn { stream, info } = conn;
+    let io = TokioIo::new(stream);
+    let h2 = info.alpn.as_deref() == Some("h2");
+    let request = req.build(h2)?;
+    let response = timeout(CLIENT_TIMEOUT, async {
+        if h2 {
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        } else {
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("HTTP/1.1 handshake: {e}"))?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        }
+        .map_err(|e| format!("{} {}: {e:?}", req.method, req.path))
+    })
+    .await
+    .map_err(|_| format!("no response head within {CLIENT_TIMEOUT:?}"))??;
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut received = 0;
+    let end = timeout(CLIENT_TIMEOUT, async {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => received += frame.data_ref().map_or(0, Bytes::len),
+                Err(e) => return Err(format!("{e:?}")),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| format!("the body did not end within {CLIENT_TIMEOUT:?}"))?;
+    Ok(Streamed {
+        status,
+        received,
+        end,
+        elapsed: started.elapsed(),
+    })
+}

@@ -28,6 +28,9 @@ use crate::config::{BackendAddress, Balance, UpstreamConfig};
 use crate::ebpf::KernelObserver;
 use crate::telemetry::metrics::{BackendInFlight, BackendMetrics, Metrics};
 
+/// The largest read buffer of a connection to a backend.
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
 /// One backend of the pool.
 pub(crate) struct Backend {
     pub(super) address: BackendAddress,
@@ -74,6 +77,9 @@ impl Backend {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
+            // What a response may hold in the proxy while its client reads slowly: 64 KiB
+            // per connection, not hyper's default of about 400 KiB.
+            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
             .build(connector);
         let backend_metrics = metrics.backend(&label);
         backend_metrics.set_healthy(true);
