@@ -400,3 +400,57 @@ fn unanswered_upstream_connect_gives_up_after_the_connect_timeout() {
         m.text
     );
 }
+
+/// In upstream mode each client connection may hold a backend connection too: the proxy
+/// raises its open-file limit towards twice the connection cap, and says when the hard limit
+/// stops it short.
+#[test]
+fn the_open_file_limit_is_raised_for_the_connection_cap_or_reported() {
+    let Some(env) = TestEnv::new("nofile") else {
+        return;
+    };
+    if !proxy_e2e::require_tool("nofile", "prlimit", "apt-get install util-linux") {
+        return;
+    }
+    let _backend = env.backend("127.0.0.1:8080");
+    let limits = |pid: nix::unistd::Pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .expect("/proc limits")
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .map(|l| l.split_whitespace().nth(3).unwrap_or_default().to_owned())
+            .expect("Max open files")
+    };
+    for (cap, soft_after, warned) in [("1000", "2256", false), ("2000", "3000", true)] {
+        let dir = env.path(&format!("cap{cap}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let proxy = proxy_e2e::Proxy::start_via(
+            &env.ns,
+            &dir,
+            &["prlimit", "--nofile=1024:3000", "--"],
+            &[
+                "--upstream",
+                "http://127.0.0.1:8080",
+                "--max-connections",
+                cap,
+            ],
+            &[],
+            || {},
+        );
+        let log = proxy.process.stderr();
+        assert_eq!(
+            limits(proxy.process.pid()),
+            soft_after,
+            "--max-connections {cap}: soft open-file limit after start:\n{log}"
+        );
+        assert!(
+            log.contains("raised the open-file limit"),
+            "--max-connections {cap}: no line saying the limit was raised:\n{log}"
+        );
+        assert_eq!(
+            log.contains("below what the connection cap needs"),
+            warned,
+            "--max-connections {cap} under a hard limit of 3000:\n{log}"
+        );
+    }
+}

@@ -67,6 +67,54 @@ async fn hand_over_on_sigusr2(listeners: &[Arc<tokio::net::TcpListener>; 3]) {
     std::future::pending().await
 }
 
+/// Descriptors the proxy needs beyond its connections: listeners, the eBPF maps and
+/// programs, health checks, logs, with room to spare.
+const DESCRIPTOR_HEADROOM: u64 = 256;
+
+/// The open files the connection cap needs: one per client connection, and in upstream mode
+/// one more for the backend connection each may hold.
+fn descriptors_needed(config: &Config) -> u64 {
+    let per_connection = if config.upstream.is_some() { 2 } else { 1 };
+    (config.limits.max_connections as u64)
+        .saturating_mul(per_connection)
+        .saturating_add(DESCRIPTOR_HEADROOM)
+}
+
+/// Raises the soft open-file limit towards what the connection cap needs (as far as the hard
+/// limit allows), and warns when it stays below: past it, accepts and backend connects fail
+/// with EMFILE instead of clients waiting in the kernel's queue.
+fn warn_if_too_few_descriptors(config: &Config) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let needed = descriptors_needed(config);
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read RLIMIT_NOFILE");
+            return;
+        }
+    };
+    let mut limit = soft;
+    if soft < needed {
+        let raised = needed.min(hard);
+        if raised > soft && setrlimit(Resource::RLIMIT_NOFILE, raised, hard).is_ok() {
+            tracing::info!(
+                from = soft,
+                to = raised,
+                "raised the open-file limit for the connection cap"
+            );
+            limit = raised;
+        }
+    }
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            max_connections = config.limits.max_connections,
+            "the open-file limit (RLIMIT_NOFILE) is below what the connection cap needs; raise it (systemd: LimitNOFILE=, containers: --ulimit nofile=) or lower --max-connections"
+        );
+    }
+}
+
 /// Serves until a termination signal, then drains in-flight requests.
 pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError> {
     let metrics = Metrics::new()?;
@@ -110,6 +158,7 @@ pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError
         ),
         None => None,
     };
+    warn_if_too_few_descriptors(&config);
     let server = Server::new(&config, metrics.clone(), certs, kernel, upstream.clone())?;
     let ready = Arc::new(AtomicBool::new(false));
     // Shared with a successor on SIGUSR2; dropped here at shutdown so the ports close.
