@@ -9,3 +9,4 @@ mod request;
 pub(crate) mod responses;
 pub(crate) mod server;
 mod upstream;
+mod upstream_connector;

@@ -11,11 +11,12 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::Config;
-use crate::ebpf::KernelTimings;
+use crate::ebpf::{KernelObserver, KernelTimings};
 use crate::http::deadlines::{Activity, TrackedBody};
 use crate::http::redirect;
 use crate::http::responses::{Body, static_site, text};
 use crate::http::upstream::Upstream;
+use crate::http::upstream_connector::UpstreamConnection;
 use crate::telemetry::logging::ACCESS_TARGET;
 use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics};
 use crate::tls::resolver::CertStore;
@@ -31,11 +32,16 @@ pub(super) struct Responder {
 }
 
 impl Responder {
-    pub(super) fn new(config: &Config, metrics: Metrics, certs: Arc<CertStore>) -> Self {
+    pub(super) fn new(
+        config: &Config,
+        metrics: Metrics,
+        certs: Arc<CertStore>,
+        kernel: Option<Arc<KernelObserver>>,
+    ) -> Self {
         let upstream = config
             .upstream
             .as_ref()
-            .map(|u| Upstream::new(u, metrics.clone()));
+            .map(|u| Upstream::new(u, metrics.clone(), kernel));
         let hsts = HeaderValue::from_str(&format!("max-age={}", config.hsts_max_age))
             .unwrap_or_else(|_| HeaderValue::from_static("max-age=31536000"));
         Responder {
@@ -102,6 +108,12 @@ impl Connection {
         };
         let elapsed = started.elapsed();
         let status = response.status();
+        // The kernel's connect time, on the first response of a new upstream connection.
+        let upstream_connect = response
+            .extensions()
+            .get::<UpstreamConnection>()
+            .filter(|connection| connection.first_response())
+            .and_then(|connection| connection.kernel_connect);
         responder
             .metrics
             .request_answered(self.listener, status, elapsed);
@@ -121,6 +133,7 @@ impl Connection {
             tcp_handshake_ms = self.kernel.and_then(|k| k.handshake).map(millis),
             accept_wait_ms = self.kernel.map(|k| millis(k.accept_wait)),
             tls_handshake_ms = self.tls_handshake.map(millis),
+            upstream_connect_ms = upstream_connect.map(millis),
             "request"
         );
         response.map(|body| TrackedBody::new(body, in_flight))

@@ -55,7 +55,12 @@ impl Server {
         kernel: Option<Arc<KernelObserver>>,
     ) -> Result<Arc<Self>, rustls::Error> {
         let tls = TlsAcceptor::from(tls::server_config(certs.clone())?);
-        let responder = Arc::new(Responder::new(config, metrics.clone(), certs));
+        let responder = Arc::new(Responder::new(
+            config,
+            metrics.clone(),
+            certs,
+            kernel.clone(),
+        ));
         Ok(Arc::new(Server {
             h1: http_builder(config).http1_only(),
             h2: http_builder(config).http2_only(),

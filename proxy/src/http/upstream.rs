@@ -2,7 +2,8 @@
 //! client, with `Forwarded`/`X-Forwarded-*` added, hop-by-hop headers removed and deadlines;
 //! failures become 502/504 with a plain-text reason and are counted by kind.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{CONNECTION, HOST, HeaderMap, HeaderName, HeaderValue};
@@ -10,12 +11,13 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
+use crate::ebpf::KernelObserver;
 use crate::error_chain::error_chain;
 use crate::http::responses::{Body, text};
+use crate::http::upstream_connector::Connector;
 use crate::telemetry::metrics::{LabelValue as _, Metrics, UpstreamFailure};
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1).
@@ -33,27 +35,47 @@ const HOP_BY_HOP: [&str; 8] = [
 /// A pooled client for the configured upstream.
 #[derive(Debug, Clone)]
 pub(crate) struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<Connector, Incoming>,
     authority: http::uri::Authority,
     timeout: Duration,
     metrics: Metrics,
 }
 
 impl Upstream {
-    pub(crate) fn new(config: &UpstreamConfig, metrics: Metrics) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+    pub(crate) fn new(
+        config: &UpstreamConfig,
+        metrics: Metrics,
+        kernel: Option<Arc<KernelObserver>>,
+    ) -> Self {
         let authority = config
             .uri
             .authority()
             .cloned()
             .unwrap_or_else(|| http::uri::Authority::from_static("127.0.0.1:80"));
+        // The backend label: `host:port` as configured. Resolved once, here.
+        let backend: Arc<str> = authority.as_str().into();
+        let addrs = match backend.to_socket_addrs() {
+            Ok(addrs) => addrs.collect(),
+            Err(e) => {
+                tracing::warn!(%backend, error = %e, "the upstream's address does not resolve");
+                Vec::new()
+            }
+        };
+        if let Some(kernel) = &kernel {
+            kernel.set_backends(&[backend.to_string()]);
+        }
+        let connector = Connector::new(
+            backend,
+            addrs,
+            config.connect_timeout,
+            kernel,
+            metrics.clone(),
+        );
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build(connector);
         Upstream {
             client,
             authority,
