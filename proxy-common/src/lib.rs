@@ -5,7 +5,9 @@
 //!
 //! Only the proxy's own sockets are recorded: userspace registers each listening socket as
 //! (network namespace cookie, local port) in `LISTENERS`, with a slot number that labels its
-//! metrics; the program ignores every other socket.
+//! metrics, and each of its own connections to a backend, before `connect()`, by socket
+//! cookie in `UPSTREAM_SOCKETS`, with the backend's slot; the program ignores every other
+//! socket.
 #![no_std]
 
 /// Listening sockets one proxy registers (HTTP, HTTPS and room for more).
@@ -54,6 +56,41 @@ pub const SYN_ENTRIES: u32 = 16_384;
 /// Capacity of the map of established connections (the accept join reads it).
 pub const CONNECTION_ENTRIES: u32 = 65_536;
 
+/// Backends whose upstream connections one proxy measures. Beyond this many configured
+/// backends, the extra ones are served but not measured in the kernel (userspace warns once).
+pub const MAX_BACKENDS: u32 = 64;
+
+/// Upstream histogram: SYN sent (`connect()`) to ESTABLISHED.
+pub const UPSTREAM_HIST_CONNECT: u32 = 0;
+/// Upstream histogram: smoothed RTT of a connection, sampled when it closes.
+pub const UPSTREAM_HIST_RTT: u32 = 1;
+/// Number of upstream histograms.
+pub const UPSTREAM_HISTOGRAMS: u32 = 2;
+/// Entries of the `UPSTREAM_HISTOGRAMS` per-CPU array.
+pub const UPSTREAM_HISTOGRAM_ENTRIES: u32 = UPSTREAM_HISTOGRAMS * MAX_BACKENDS * BUCKETS;
+/// Entries of the `UPSTREAM_HISTOGRAM_SUMS` per-CPU array.
+pub const UPSTREAM_HISTOGRAM_SUM_ENTRIES: u32 = UPSTREAM_HISTOGRAMS * MAX_BACKENDS;
+
+/// Upstream counter: connections that reached ESTABLISHED.
+pub const UPSTREAM_CTR_CONNECTIONS: u32 = 0;
+/// Upstream counter: connections that closed before ESTABLISHED (refused, timed out, given
+/// up by the proxy).
+pub const UPSTREAM_CTR_CONNECT_FAILURES: u32 = 1;
+/// Upstream counter: segments retransmitted (SYNs included), added when the socket closes.
+pub const UPSTREAM_CTR_RETRANSMITS: u32 = 2;
+/// Upstream counter: established connections this side aborted (as `CTR_RESETS_SENT`).
+pub const UPSTREAM_CTR_RESETS_SENT: u32 = 3;
+/// Upstream counter: resets received from the backend on established connections (a refused
+/// connect is a connect failure, not a reset).
+pub const UPSTREAM_CTR_RESETS_RECEIVED: u32 = 4;
+/// Number of upstream counters.
+pub const UPSTREAM_COUNTERS: u32 = 5;
+/// Entries of the `UPSTREAM_COUNTERS` per-CPU array.
+pub const UPSTREAM_COUNTER_ENTRIES: u32 = UPSTREAM_COUNTERS * MAX_BACKENDS;
+
+/// Capacity of the map of upstream sockets (registered, connecting or established).
+pub const UPSTREAM_SOCKET_ENTRIES: u32 = 65_536;
+
 /// Index into `HISTOGRAMS`.
 pub const fn histogram_index(histogram: u32, slot: u32, bucket: u32) -> u32 {
     (histogram * MAX_LISTENERS + slot) * BUCKETS + bucket
@@ -67,6 +104,21 @@ pub const fn histogram_sum_index(histogram: u32, slot: u32) -> u32 {
 /// Index into `COUNTERS`.
 pub const fn counter_index(counter: u32, slot: u32) -> u32 {
     counter * MAX_LISTENERS + slot
+}
+
+/// Index into `UPSTREAM_HISTOGRAMS`.
+pub const fn upstream_histogram_index(histogram: u32, backend: u32, bucket: u32) -> u32 {
+    (histogram * MAX_BACKENDS + backend) * BUCKETS + bucket
+}
+
+/// Index into `UPSTREAM_HISTOGRAM_SUMS`.
+pub const fn upstream_histogram_sum_index(histogram: u32, backend: u32) -> u32 {
+    histogram * MAX_BACKENDS + backend
+}
+
+/// Index into `UPSTREAM_COUNTERS`.
+pub const fn upstream_counter_index(counter: u32, backend: u32) -> u32 {
+    counter * MAX_BACKENDS + backend
 }
 
 /// The log2 bucket of a duration in nanoseconds. Written with shifts and compares: BPF has
@@ -143,15 +195,18 @@ pub struct FlowKey {
     pub remote_ip: [u32; 4],
 }
 
-/// Value of `CONNECTIONS`, keyed by socket cookie: what the kernel saw of one connection.
+/// Value of `CONNECTIONS` and `UPSTREAM_SOCKETS`, keyed by socket cookie: what the kernel saw
+/// of one connection. Userspace inserts upstream records with the times at 0, before
+/// `connect()`; the program fills them in.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionRecord {
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the SYN arrived; 0 if unseen.
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the SYN arrived (accepted connections) or was
+    /// sent (upstream connections); 0 if unseen.
     pub syn_ns: u64,
-    /// When the handshake completed.
+    /// When the handshake completed; 0 until then.
     pub established_ns: u64,
-    /// The listener slot.
+    /// The listener slot (`CONNECTIONS`) or the backend slot (`UPSTREAM_SOCKETS`).
     pub slot: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
@@ -212,6 +267,26 @@ mod tests {
                 "{ns}"
             );
         }
+    }
+
+    #[test]
+    fn the_last_slot_of_each_array_is_its_last_entry() {
+        assert_eq!(
+            histogram_index(HISTOGRAMS - 1, MAX_LISTENERS - 1, BUCKETS - 1),
+            HISTOGRAM_ENTRIES - 1
+        );
+        assert_eq!(
+            upstream_histogram_index(UPSTREAM_HISTOGRAMS - 1, MAX_BACKENDS - 1, BUCKETS - 1),
+            UPSTREAM_HISTOGRAM_ENTRIES - 1
+        );
+        assert_eq!(
+            upstream_histogram_sum_index(UPSTREAM_HISTOGRAMS - 1, MAX_BACKENDS - 1),
+            UPSTREAM_HISTOGRAM_SUM_ENTRIES - 1
+        );
+        assert_eq!(
+            upstream_counter_index(UPSTREAM_COUNTERS - 1, MAX_BACKENDS - 1),
+            UPSTREAM_COUNTER_ENTRIES - 1
+        );
     }
 
     #[test]

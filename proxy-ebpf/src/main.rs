@@ -4,10 +4,15 @@
 //!   SYN time of each connection to a registered listener (TIMEOUT_INIT, on the request
 //!   socket), handshake time and the connection record at ESTABLISHED, and at CLOSE the
 //!   lifetime, smoothed RTT, retransmitted segments and whether this side aborted it.
+//! - The same program on the proxy's own connections to its backends, which userspace
+//!   registers by socket cookie before `connect()`: SYN sent (TCP_CONNECT_CB), connect time at
+//!   ESTABLISHED (ACTIVE_ESTABLISHED_CB), and at CLOSE a connect failure (never established)
+//!   or RTT, retransmits and aborts, per backend slot.
 //! - tracepoint `tcp:tcp_receive_reset`: resets received, matched by socket cookie.
 //!
 //! Results go to per-CPU arrays that userspace reads at scrape time; the only per-connection
-//! state userspace reads is `CONNECTIONS`, once, when it accepts the connection.
+//! state userspace reads is `CONNECTIONS`, once, when it accepts the connection, and
+//! `UPSTREAM_SOCKETS`, once, when its `connect()` completes.
 #![no_std]
 #![no_main]
 
@@ -15,8 +20,9 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{
-    BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-    BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_ESTABLISHED,
+    BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+    BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
+    BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_ESTABLISHED,
 };
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns};
 use aya_ebpf::macros::{map, sock_ops, tracepoint};
@@ -27,8 +33,13 @@ use proxy_common::{
     BUCKETS, CONNECTION_ENTRIES, COUNTER_ENTRIES, CTR_CLOSED, CTR_CONNECTIONS, CTR_DROPPED,
     CTR_RESETS_RECEIVED, CTR_RESETS_SENT, CTR_RETRANSMITS, CTR_SYN_UNSEEN, ConnectionRecord,
     FLAG_RESET_RECEIVED, FlowKey, HIST_HANDSHAKE, HIST_LIFETIME, HIST_RTT, HISTOGRAM_ENTRIES,
-    HISTOGRAM_SUM_ENTRIES, ListenerKey, MAX_LISTENERS, SYN_ENTRIES, bucket_of_ns, counter_index,
-    histogram_index, histogram_sum_index,
+    HISTOGRAM_SUM_ENTRIES, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, SYN_ENTRIES,
+    UPSTREAM_COUNTER_ENTRIES, UPSTREAM_CTR_CONNECT_FAILURES, UPSTREAM_CTR_CONNECTIONS,
+    UPSTREAM_CTR_RESETS_RECEIVED, UPSTREAM_CTR_RESETS_SENT, UPSTREAM_CTR_RETRANSMITS,
+    UPSTREAM_HIST_CONNECT, UPSTREAM_HIST_RTT, UPSTREAM_HISTOGRAM_ENTRIES,
+    UPSTREAM_HISTOGRAM_SUM_ENTRIES, UPSTREAM_SOCKET_ENTRIES, bucket_of_ns, counter_index,
+    histogram_index, histogram_sum_index, upstream_counter_index, upstream_histogram_index,
+    upstream_histogram_sum_index,
 };
 
 /// The proxy's listening sockets: (netns cookie, port) to slot.
@@ -47,6 +58,21 @@ static HISTOGRAMS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HISTOGRAM_EN
 static HISTOGRAM_SUMS: PerCpuArray<u64> = PerCpuArray::with_max_entries(HISTOGRAM_SUM_ENTRIES, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
+/// The proxy's own connections to its backends by socket cookie, from registration (by
+/// userspace, before `connect()`) until they close. LRU: a record whose close was never seen
+/// cannot fill the map for good.
+#[map]
+static UPSTREAM_SOCKETS: LruHashMap<u64, ConnectionRecord> =
+    LruHashMap::with_max_entries(UPSTREAM_SOCKET_ENTRIES, 0);
+#[map]
+static UPSTREAM_HISTOGRAMS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(UPSTREAM_HISTOGRAM_ENTRIES, 0);
+#[map]
+static UPSTREAM_HISTOGRAM_SUMS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(UPSTREAM_HISTOGRAM_SUM_ENTRIES, 0);
+#[map]
+static UPSTREAM_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(UPSTREAM_COUNTER_ENTRIES, 0);
 
 /// Offset of `sock_cookie` in the `tcp:tcp_receive_reset` record; it differs between kernels,
 /// so the loader reads it from tracefs and sets it before loading.
@@ -79,6 +105,8 @@ pub fn proxy_sock_ops(ctx: SockOpsContext) -> u32 {
     match field!(&ctx, op) {
         BPF_SOCK_OPS_TIMEOUT_INIT => on_syn(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_upstream_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_upstream_established(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         _ => {}
     }
@@ -117,6 +145,23 @@ pub fn proxy_receive_reset(ctx: TracePointContext) -> u32 {
             (*record).slot
         };
         count(CTR_RESETS_RECEIVED, slot, 1);
+    } else if let Some(record) = UPSTREAM_SOCKETS.get_ptr_mut(cookie) {
+        #[expect(
+            clippy::multiple_unsafe_ops_per_block,
+            reason = "one update of one record through one pointer, under one SAFETY argument"
+        )]
+        // SAFETY: as for `CONNECTIONS` above: the pointer is into the LRU map's preallocated,
+        // 8-byte aligned memory for this whole run, the record is plain integers, and a race
+        // with the close of this connection or an eviction makes a wrong count (`slot` is
+        // bounds-checked by `count_upstream`), never an access outside the element.
+        let (established_ns, slot) = unsafe {
+            (*record).flags |= FLAG_RESET_RECEIVED;
+            ((*record).established_ns, (*record).slot)
+        };
+        // A reset answering the SYN is a refused connect, counted as a connect failure.
+        if established_ns != 0 {
+            count_upstream(UPSTREAM_CTR_RESETS_RECEIVED, slot, 1);
+        }
     }
     0
 }
@@ -172,19 +217,71 @@ fn on_established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
-/// At CLOSE: lifetime, RTT, retransmits, and whether this side aborted the connection.
-/// Retransmits are read from the socket's own total (which includes SYN-ACK and tail-loss-
-/// probe retransmissions, unlike the RETRANS callback) once, here.
+/// The proxy is sending the SYN of one of its upstream connections: if userspace registered
+/// the socket, remember when, and ask for state callbacks (to see it close).
+fn on_upstream_connect(ctx: &SockOpsContext) {
+    let Some(record) = UPSTREAM_SOCKETS.get_ptr_mut(socket_cookie(ctx)) else {
+        return;
+    };
+    // SAFETY: a non-null pointer from a lookup in the LRU map points to the element's value in
+    // the map's preallocated memory, aligned to 8 bytes and allocated for this whole run (the
+    // program runs under RCU). The record is plain integers. Userspace wrote it before
+    // `connect()` and only deletes it after `connect()` failed; an eviction racing this write
+    // stamps a recycled element, a wrong time, never an access outside the element.
+    unsafe { (*record).syn_ns = now() };
+    let flags = field!(ctx, bpf_sock_ops_cb_flags);
+    let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// One of the proxy's upstream connections completed its handshake: connect time and count,
+/// and the established time in the record, where userspace reads the connect time.
+fn on_upstream_established(ctx: &SockOpsContext) {
+    let Some(record) = UPSTREAM_SOCKETS.get_ptr_mut(socket_cookie(ctx)) else {
+        return;
+    };
+    let established_ns = now();
+    #[expect(
+        clippy::multiple_unsafe_ops_per_block,
+        reason = "one update of one record through one pointer, under one SAFETY argument"
+    )]
+    // SAFETY: as in `on_upstream_connect`: the pointer is into the LRU map's preallocated,
+    // aligned memory for this whole run and the record is plain integers; a racing eviction
+    // gives a wrong time or a slot that `observe_upstream`/`count_upstream` bounds-check.
+    let (syn_ns, slot) = unsafe {
+        (*record).established_ns = established_ns;
+        ((*record).syn_ns, (*record).slot)
+    };
+    if syn_ns != 0 {
+        observe_upstream(
+            UPSTREAM_HIST_CONNECT,
+            slot,
+            established_ns.saturating_sub(syn_ns),
+        );
+    }
+    count_upstream(UPSTREAM_CTR_CONNECTIONS, slot, 1);
+}
+
+/// At CLOSE: for an accepted connection, lifetime, RTT, retransmits, and whether this side
+/// aborted the connection; for an upstream connection, a connect failure if it never
+/// established, else RTT and aborts, and its retransmits either way (SYNs included).
+/// Retransmits are read from the socket's own total (which includes SYN, SYN-ACK and tail-
+/// loss-probe retransmissions, unlike the RETRANS callback) once, here.
 fn on_state_change(ctx: &SockOpsContext) {
     let (old, new) = (ctx.arg(0), ctx.arg(1));
     if new != BPF_TCP_CLOSE {
         return;
     }
     let cookie = socket_cookie(ctx);
-    let Some(record) = lru_value(&CONNECTIONS, &cookie) else {
-        return;
-    };
-    let _ = CONNECTIONS.remove(&cookie);
+    if let Some(record) = lru_value(&CONNECTIONS, &cookie) {
+        let _ = CONNECTIONS.remove(&cookie);
+        on_close(ctx, old, record);
+    } else if let Some(record) = lru_value(&UPSTREAM_SOCKETS, &cookie) {
+        let _ = UPSTREAM_SOCKETS.remove(&cookie);
+        on_upstream_close(ctx, old, record);
+    }
+}
+
+fn on_close(ctx: &SockOpsContext, old: u32, record: ConnectionRecord) {
     let slot = record.slot;
     count(CTR_CLOSED, slot, 1);
     observe(
@@ -192,17 +289,47 @@ fn on_state_change(ctx: &SockOpsContext) {
         slot,
         now().saturating_sub(record.established_ns),
     );
-    // srtt_us holds the smoothed RTT in microseconds, shifted left by 3.
-    let srtt_us = u64::from(field!(ctx, srtt_us) >> 3);
-    if srtt_us > 0 {
-        observe(HIST_RTT, slot, srtt_us * 1000);
+    if let Some(rtt_ns) = smoothed_rtt_ns(ctx) {
+        observe(HIST_RTT, slot, rtt_ns);
     }
-    let retransmits = field!(ctx, total_retrans);
-    count(CTR_RETRANSMITS, slot, u64::from(retransmits));
-    let abrupt = old == BPF_TCP_ESTABLISHED || old == BPF_TCP_CLOSE_WAIT;
-    if abrupt && record.flags & FLAG_RESET_RECEIVED == 0 {
+    count(CTR_RETRANSMITS, slot, retransmits(ctx));
+    if aborted(old, &record) {
         count(CTR_RESETS_SENT, slot, 1);
     }
+}
+
+fn on_upstream_close(ctx: &SockOpsContext, old: u32, record: ConnectionRecord) {
+    let slot = record.slot;
+    count_upstream(UPSTREAM_CTR_RETRANSMITS, slot, retransmits(ctx));
+    if record.established_ns == 0 {
+        count_upstream(UPSTREAM_CTR_CONNECT_FAILURES, slot, 1);
+        return;
+    }
+    if let Some(rtt_ns) = smoothed_rtt_ns(ctx) {
+        observe_upstream(UPSTREAM_HIST_RTT, slot, rtt_ns);
+    }
+    if aborted(old, &record) {
+        count_upstream(UPSTREAM_CTR_RESETS_SENT, slot, 1);
+    }
+}
+
+/// The smoothed RTT of a closing connection, if it has one.
+fn smoothed_rtt_ns(ctx: &SockOpsContext) -> Option<u64> {
+    // srtt_us holds the smoothed RTT in microseconds, shifted left by 3.
+    let srtt_us = u64::from(field!(ctx, srtt_us) >> 3);
+    (srtt_us > 0).then_some(srtt_us * 1000)
+}
+
+/// Segments the closing socket retransmitted over its life.
+fn retransmits(ctx: &SockOpsContext) -> u64 {
+    u64::from(field!(ctx, total_retrans))
+}
+
+/// Whether this side aborted an established connection: straight to CLOSE from ESTABLISHED
+/// or CLOSE_WAIT, without a reset from the peer.
+fn aborted(old: u32, record: &ConnectionRecord) -> bool {
+    let abrupt = old == BPF_TCP_ESTABLISHED || old == BPF_TCP_CLOSE_WAIT;
+    abrupt && record.flags & FLAG_RESET_RECEIVED == 0
 }
 
 /// The connection's network namespace and 4-tuple.
@@ -310,6 +437,34 @@ fn count(counter: u32, slot: u32, by: u64) {
         return;
     }
     add(&COUNTERS, counter_index(counter, slot), by);
+}
+
+fn observe_upstream(histogram: u32, slot: u32, ns: u64) {
+    let bucket = bucket_of_ns(ns);
+    if bucket >= BUCKETS || slot >= MAX_BACKENDS {
+        return;
+    }
+    add(
+        &UPSTREAM_HISTOGRAMS,
+        upstream_histogram_index(histogram, slot, bucket),
+        1,
+    );
+    add(
+        &UPSTREAM_HISTOGRAM_SUMS,
+        upstream_histogram_sum_index(histogram, slot),
+        ns,
+    );
+}
+
+fn count_upstream(counter: u32, slot: u32, by: u64) {
+    if slot >= MAX_BACKENDS {
+        return;
+    }
+    add(
+        &UPSTREAM_COUNTERS,
+        upstream_counter_index(counter, slot),
+        by,
+    );
 }
 
 /// Adds `by` to this CPU's copy of entry `index` of a per-CPU array; an index past the end

@@ -128,3 +128,50 @@ pub fn cgroup_of(proxy: &Proxy) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// Drops, on the way in, the SYN-ACKs sent from `port` in `ns` (a drop on the way out would
+/// be a local send error, not a loss): a connect to that port then completes only after the
+/// kernel's 1 s retransmission. Adds the nftables table `inet e2e`; `nft(ns, &["delete",
+/// "table", "inet", "e2e"])` ends the loss.
+pub fn drop_syn_acks_from(ns: &NetNs, port: u16) {
+    let port = port.to_string();
+    nft(ns, &["add", "table", "inet", "e2e"]);
+    nft(
+        ns,
+        &[
+            "add",
+            "chain",
+            "inet",
+            "e2e",
+            "lossy",
+            "{ type filter hook input priority 0; }",
+        ],
+    );
+    nft(
+        ns,
+        &[
+            "add",
+            "rule",
+            "inet",
+            "e2e",
+            "lossy",
+            "tcp",
+            "sport",
+            &port,
+            "tcp",
+            "flags",
+            "&",
+            "(syn|ack)",
+            "==",
+            "syn|ack",
+            "drop",
+        ],
+    );
+}
+
+/// The number in `field=NUMBER` of a plain log line, if the line has that field.
+pub fn log_number(line: &str, field: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|part| part.strip_prefix(field)?.strip_prefix('='))
+        .and_then(|value| value.parse().ok())
+}

@@ -1,12 +1,19 @@
 //! The kernel observer: loads the eBPF program (crate `proxy-ebpf`, embedded at build time),
-//! attaches it, registers the proxy's listening sockets with it, exports what it measures,
-//! and joins its per-connection timings to each accepted connection.
+//! attaches it, registers the proxy's listening sockets and its own upstream sockets with it,
+//! exports what it measures, and joins its per-connection timings to each accepted connection
+//! and each upstream connection.
 //!
 //! Attachment: `sock_ops` on the root of the cgroup v2 hierarchy, so that it sees sockets
 //! whatever cgroup created them (systemd socket activation, a predecessor handing over its
 //! listeners), filtered in the kernel to this process's listeners by network namespace
-//! cookie and port; several proxies attach side by side (bpf links), each counting only its
-//! own sockets. `tcp:tcp_receive_reset` counts resets received, matched by socket cookie.
+//! cookie and port, and to the upstream sockets this process registered by socket cookie;
+//! several proxies attach side by side (bpf links), each counting only its own sockets.
+//! `tcp:tcp_receive_reset` counts resets received, matched by socket cookie.
+//!
+//! Upstream sockets: the connector registers each one before `connect()`
+//! ([`KernelObserver::register_upstream`]) under its backend's slot; the configured backends
+//! get slots with [`KernelObserver::set_backends`], at most `MAX_BACKENDS` (64) of them: the
+//! rest are served without kernel metrics, after one warning.
 //!
 //! Degraded mode: without privilege, BTF, cgroup v2 or an embedded object the proxy serves
 //! anyway, logs one warning with the reason and reports `proxy_ebpf_attached 0`, unless
@@ -15,6 +22,8 @@
 mod collector;
 mod kernel;
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -22,13 +31,13 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, SockOps, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use prometheus::{HistogramVec, IntGaugeVec, Opts, Registry};
-use proxy_common::{ConnectionRecord, ListenerKey, MAX_LISTENERS};
+use proxy_common::{ConnectionRecord, ListenerKey, MAX_BACKENDS, MAX_LISTENERS};
 use strum::IntoEnumIterator as _;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::EbpfMode;
 use crate::error_chain::error_chain;
-use collector::{KernelCollector, Slot};
+use collector::{Arrays, BackendSlots, KernelCollector, Slot};
 
 /// The program object, embedded when the build had `PROXY_EBPF_OBJECT` set (as every
 /// `cargo xtask` build does).
@@ -88,6 +97,14 @@ pub(crate) struct KernelObserver {
     connections: BpfHashMap<MapData, u64, ConnectionRecord>,
     slots: Arc<RwLock<Vec<Slot>>>,
     accept_wait: HistogramVec,
+    /// `UPSTREAM_SOCKETS`: upstream sockets by cookie, registered here, filled in and removed
+    /// by the program.
+    upstream_sockets: Mutex<BpfHashMap<MapData, u64, ConnectionRecord>>,
+    backend_slots: Arc<RwLock<BackendSlots>>,
+    /// The backends' arrays, zeroed here when a slot changes hands.
+    backend_arrays: Arc<Mutex<Arrays>>,
+    /// Whether a failed registration has been reported (once per process).
+    registration_failure_reported: AtomicBool,
 }
 
 impl std::fmt::Debug for KernelObserver {
@@ -220,17 +237,28 @@ impl KernelObserver {
         }
 
         let slots = Arc::new(RwLock::new(Vec::new()));
+        let backend_slots = Arc::new(RwLock::new(BackendSlots::new()));
+        let backend_arrays = Arc::new(Mutex::new(Arrays::backends(
+            per_cpu_array(&mut ebpf, "UPSTREAM_HISTOGRAMS")?,
+            per_cpu_array(&mut ebpf, "UPSTREAM_HISTOGRAM_SUMS")?,
+            per_cpu_array(&mut ebpf, "UPSTREAM_COUNTERS")?,
+        )));
         let collector = KernelCollector::new(
-            per_cpu_array(&mut ebpf, "HISTOGRAMS")?,
-            per_cpu_array(&mut ebpf, "HISTOGRAM_SUMS")?,
-            per_cpu_array(&mut ebpf, "COUNTERS")?,
+            Arrays::listeners(
+                per_cpu_array(&mut ebpf, "HISTOGRAMS")?,
+                per_cpu_array(&mut ebpf, "HISTOGRAM_SUMS")?,
+                per_cpu_array(&mut ebpf, "COUNTERS")?,
+            ),
             slots.clone(),
+            backend_arrays.clone(),
+            backend_slots.clone(),
         )?;
         registry.register(Box::new(collector))?;
         let accept_wait = collector::accept_wait_histogram(registry)?;
 
         let listeners = take_map(&mut ebpf, "LISTENERS", BpfHashMap::try_from)?;
         let connections = take_map(&mut ebpf, "CONNECTIONS", BpfHashMap::try_from)?;
+        let upstream_sockets = take_map(&mut ebpf, "UPSTREAM_SOCKETS", BpfHashMap::try_from)?;
         tracing::info!(cgroup = %cgroup_root.display(), "kernel observer attached");
         Ok(KernelObserver {
             _ebpf: ebpf,
@@ -238,6 +266,10 @@ impl KernelObserver {
             connections,
             slots,
             accept_wait,
+            upstream_sockets: Mutex::new(upstream_sockets),
+            backend_slots,
+            backend_arrays,
+            registration_failure_reported: AtomicBool::new(false),
         })
     }
 
@@ -282,7 +314,7 @@ impl KernelObserver {
             })?;
         slots.push(Slot {
             index,
-            port: port.to_string(),
+            label: port.to_string(),
         });
         self.accept_wait.with_label_values(&[&port.to_string()]);
         Ok(())
@@ -300,7 +332,7 @@ impl KernelObserver {
             .ok()?
             .iter()
             .find(|slot| slot.index == record.slot)
-            .map(|slot| slot.port.clone())?;
+            .map(|slot| slot.label.clone())?;
         self.accept_wait
             .with_label_values(&[&port])
             .observe(accept_wait.as_secs_f64());
@@ -310,6 +342,134 @@ impl KernelObserver {
             handshake,
             accept_wait,
         })
+    }
+
+    /// Makes `backends` (their `backend` label values, e.g. `10.0.0.5:8080`) the backends
+    /// measured in the kernel: at start and after each reload. Each gets a slot and its series
+    /// at 0; backends that stay keep theirs; removed ones release theirs and their series
+    /// disappear. Their connections still open (draining) keep counting into the released slot
+    /// until they close; the slot is given to a new backend only once no registered socket
+    /// uses it, unless no other slot is free (see `collector::BackendSlots`). Beyond
+    /// `MAX_BACKENDS` backends the extra ones are served without kernel metrics, after one
+    /// warning.
+    pub(crate) fn set_backends(&self, backends: &[String]) {
+        // Writers of the slots, then the socket map, then the arrays: the order every caller
+        // takes them in. Holding the slots' write lock keeps registrations out until the
+        // slots given out are zeroed.
+        let mut slots = self
+            .backend_slots
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let in_use = self.backend_slots_in_use();
+        let assignment = slots.assign(backends, &in_use);
+        let mut arrays = self
+            .backend_arrays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for &slot in &assignment.given {
+            if let Err(e) = arrays.zero_slot(slot) {
+                tracing::warn!(error = %e, slot, "could not zero a backend's kernel counters: they may start above 0");
+            }
+        }
+        if !assignment.unmeasured.is_empty() {
+            tracing::warn!(
+                max = MAX_BACKENDS,
+                unmeasured = ?assignment.unmeasured,
+                "more backends than the kernel observer measures: these are served without kernel metrics"
+            );
+        }
+    }
+
+    /// Backend slots that sockets still registered in `UPSTREAM_SOCKETS` use.
+    fn backend_slots_in_use(&self) -> HashSet<u32> {
+        let sockets = self
+            .upstream_sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        sockets
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .map(|(_, record)| record.slot)
+            .collect()
+    }
+
+    /// Registers an upstream socket of `backend`, before its `connect()`, so that the kernel
+    /// measures its connect time and what happens to it until it closes. Returns its socket
+    /// cookie, the key of [`KernelObserver::upstream_connect_time`]; `None` when it is not
+    /// measured (the backend has no slot: warned once per backend). If `connect()` then fails,
+    /// call [`KernelObserver::unregister_upstream`] after closing the socket.
+    pub(crate) fn register_upstream(&self, socket: &socket2::Socket, backend: &str) -> Option<u64> {
+        let slots = self.backend_slots.read().unwrap_or_else(|e| e.into_inner());
+        let Some(slot) = slots.slot_of(backend) else {
+            drop(slots);
+            let mut slots = self
+                .backend_slots
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            if slots.first_warning(backend) {
+                tracing::warn!(
+                    backend,
+                    max = MAX_BACKENDS,
+                    "no kernel metrics for this backend's connections: it is not among the configured backends the kernel observer measures"
+                );
+            }
+            return None;
+        };
+        let record = ConnectionRecord {
+            syn_ns: 0,
+            established_ns: 0,
+            slot,
+            flags: 0,
+        };
+        // Under the slots' read lock, so that `set_backends` cannot hand the slot to another
+        // backend between the lookup and the insert.
+        let registered = socket.cookie().and_then(|cookie| {
+            let mut sockets = self
+                .upstream_sockets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            sockets
+                .insert(cookie, record, 0)
+                .map(|()| cookie)
+                .map_err(std::io::Error::other)
+        });
+        drop(slots);
+        match registered {
+            Ok(cookie) => Some(cookie),
+            Err(e) => {
+                if !self
+                    .registration_failure_reported
+                    .swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(error = %e, backend, "could not register an upstream socket with the kernel observer: some upstream connections are not measured (reported once)");
+                }
+                None
+            }
+        }
+    }
+
+    /// Forgets an upstream socket whose `connect()` failed. The program removes the sockets it
+    /// saw close; this covers a `connect()` that failed before the kernel sent a SYN.
+    pub(crate) fn unregister_upstream(&self, cookie: u64) {
+        let mut sockets = self
+            .upstream_sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let _ = sockets.remove(&cookie);
+    }
+
+    /// The kernel's connect time of an established upstream socket: SYN sent to ESTABLISHED
+    /// (SYN retransmissions included). `None` if the socket is not registered or the kernel
+    /// did not see both events.
+    pub(crate) fn upstream_connect_time(&self, cookie: u64) -> Option<Duration> {
+        let record = self
+            .upstream_sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&cookie, 0)
+            .ok()?;
+        (record.syn_ns != 0 && record.established_ns != 0)
+            .then(|| Duration::from_nanos(record.established_ns.saturating_sub(record.syn_ns)))
     }
 }
 

@@ -80,6 +80,8 @@ impl Exchange {
             backend = upstream.map(|u| &*u.backend),
             upstream_status = upstream.and_then(|u| u.status).map(|s| s.as_u16()),
             upstream_ms = upstream.map(|u| millis(u.head_time)),
+            upstream_connect_ms = upstream.and_then(|u| u.connect_time).map(millis),
+            upstream_reused = upstream.and_then(|u| u.reused),
             retries = upstream.map(|u| u.retries),
             "request"
         );

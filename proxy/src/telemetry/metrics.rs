@@ -146,6 +146,7 @@ pub(crate) struct Metrics {
     certificate_expiry: GaugeVec,
     reloads: IntCounterVec,
     state_write_failures: IntCounter,
+    upstream_connections: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -295,6 +296,11 @@ impl Metrics {
                 &["what", "result"],
             )?,
             state_write_failures,
+            upstream_connections: counter(
+                "proxy_upstream_connections_total",
+                "Upstream TCP connections the proxy opened, by backend.",
+                &["backend"],
+            )?,
             registry,
         };
         for reason in TlsFailure::iter() {
@@ -427,6 +433,13 @@ impl Metrics {
         // Encoding into a Vec fails only on a malformed metric family, which we never build.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+
+    /// Counts an upstream TCP connection opened to `backend` (its configured `host:port`).
+    pub(crate) fn upstream_connection_opened(&self, backend: &str) {
+        self.upstream_connections
+            .with_label_values(&[backend])
+            .inc();
     }
 }
 

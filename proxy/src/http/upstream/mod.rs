@@ -39,6 +39,7 @@ use crate::http::responses::{Body, text};
 use crate::telemetry::metrics::{BackendMetrics, LabelValue as _, Metrics, UpstreamFailure};
 use body::RequestBody;
 use budget::RetryBudget;
+use connector::UpstreamConnection;
 use pool::{Backend, Pool};
 
 pub(crate) use pool::BackendLoad;
@@ -75,6 +76,11 @@ pub(crate) struct UpstreamReport {
     pub(crate) head_time: Duration,
     /// Retries made.
     pub(crate) retries: u32,
+    /// The kernel's connect time of the connection that carried the answer, when the
+    /// connection was opened for this request.
+    pub(crate) connect_time: Option<Duration>,
+    /// Whether the answer came over a connection an earlier request opened.
+    pub(crate) reused: Option<bool>,
     /// The backend's series, for failures of the body.
     pub(crate) metrics: BackendMetrics,
     /// Set when the client's request body missed its deadline.
@@ -105,6 +111,9 @@ impl Upstream {
                 &metrics,
                 kernel.clone(),
             ));
+        }
+        if let Some(kernel) = &kernel {
+            kernel.set_backends(&labels(&config.backends));
         }
         let upstream = Arc::new(Upstream {
             pool: ArcSwap::from_pointee(Pool {
@@ -200,6 +209,10 @@ impl Upstream {
                 }
             }
         }
+        if let Some(kernel) = &self.kernel {
+            let kept: Vec<String> = backends.iter().map(|b| b.label.to_string()).collect();
+            kernel.set_backends(&kept);
+        }
         self.config.store(Arc::new(config.clone()));
         self.pool.store(Arc::new(Pool {
             backends: backends.clone(),
@@ -290,14 +303,23 @@ impl Upstream {
             let head_time = started.elapsed();
             backend.metrics.answered(head_time);
             let retries = u32::try_from(tried.len()).unwrap_or(u32::MAX);
-            let report = |status: Option<StatusCode>, load: Option<BackendLoad>| UpstreamReport {
-                backend: backend.label.clone(),
-                status,
-                head_time,
-                retries,
-                metrics: backend.metrics.clone(),
-                client_body_timed_out: client_body_timed_out.clone(),
-                _load: load,
+            let report = |status: Option<StatusCode>,
+                          load: Option<BackendLoad>,
+                          connection: Option<&UpstreamConnection>| {
+                let first = connection.map(UpstreamConnection::first_response);
+                UpstreamReport {
+                    backend: backend.label.clone(),
+                    status,
+                    head_time,
+                    retries,
+                    connect_time: connection
+                        .filter(|_| first == Some(true))
+                        .and_then(|c| c.kernel_connect),
+                    reused: first.map(|first| !first),
+                    metrics: backend.metrics.clone(),
+                    client_body_timed_out: client_body_timed_out.clone(),
+                    _load: load,
+                }
             };
             match outcome {
                 Ok(Ok(response)) => {
@@ -308,12 +330,13 @@ impl Upstream {
                         backend.succeeded_live();
                     }
                     let (mut head, body) = response.into_parts();
+                    let connection = head.extensions.remove::<UpstreamConnection>();
                     headers::remove_hop_by_hop(&mut head.headers);
                     let body =
                         IdleTimeout::new(body, config.body_timeout, BodyDeadline::Upstream).boxed();
                     return (
                         Response::from_parts(head, body),
-                        Some(report(Some(status), Some(load))),
+                        Some(report(Some(status), Some(load), connection.as_ref())),
                     );
                 }
                 Ok(Err(e)) => {
@@ -322,7 +345,7 @@ impl Upstream {
                         tracing::info!(%peer, backend = %backend.label, "client request body timed out");
                         return (
                             text(StatusCode::REQUEST_TIMEOUT, "request body timed out\n"),
-                            Some(report(None, None)),
+                            Some(report(None, None, None)),
                         );
                     }
                     let kind = if e.is_connect() {
@@ -354,7 +377,7 @@ impl Upstream {
                             StatusCode::BAD_GATEWAY,
                             format!("upstream unavailable ({kind} error)\n"),
                         ),
-                        Some(report(None, None)),
+                        Some(report(None, None, None)),
                     );
                 }
                 Err(_) => {
@@ -363,7 +386,7 @@ impl Upstream {
                     tracing::warn!(timeout = ?config.timeout, %peer, backend = %backend.label, "upstream timed out");
                     return (
                         text(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
-                        Some(report(None, None)),
+                        Some(report(None, None, None)),
                     );
                 }
             }
@@ -448,6 +471,10 @@ fn causes<'a>(
     error: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(error), |e| e.source())
+}
+
+fn labels(backends: &[BackendAddress]) -> Vec<String> {
+    backends.iter().map(|b| b.label.clone()).collect()
 }
 
 /// The addresses `address` names now.
