@@ -11,6 +11,7 @@ use proxy_e2e::monitoring::{
     WebhookSink, alerts, copy_tree, monitoring_dir, query, start_alertmanager, start_prometheus,
     tool,
 };
+use proxy_e2e::upstream::{Behaviour, TestUpstream};
 use proxy_e2e::{HTTP, TestEnv, on_path, poll_until, skip};
 
 /// Whether the monitoring tools are installed; skips loudly, or fails under PROXY_E2E_REQUIRE.
@@ -441,4 +442,68 @@ fn grafana_to_promql(expr: &str, variables: &[String]) -> String {
         }
     }
     expr
+}
+
+/// A response the backend breaks off mid-body reaches the client as a broken `200`: the
+/// shipped availability SLI, evaluated by a real Prometheus, counts every one as failed.
+#[test]
+fn the_availability_sli_counts_responses_broken_mid_body_as_failed() {
+    if !tools_present("monitoring-broken") {
+        return;
+    }
+    let Some(env) = TestEnv::new("monitoring-broken") else {
+        return;
+    };
+    let _backend = TestUpstream::with(
+        &env.ns,
+        "127.0.0.1:8081",
+        Behaviour::CloseMidBody {
+            declared: 10_000,
+            sent: 100,
+        },
+    );
+    let proxy = env.serve(&["--upstream", "http://127.0.0.1:8081"]);
+    let config_dir = env.path("monitoring");
+    copy_tree(&config_dir, &|path, text| match path {
+        "prometheus/prometheus.yml" => text
+            .replace("scrape_interval: 15s", "scrape_interval: 1s")
+            .replace("evaluation_interval: 15s", "evaluation_interval: 1s"),
+        _ => text,
+    });
+    let _prometheus = start_prometheus(
+        &env.ns,
+        &config_dir.join("prometheus/prometheus.yml"),
+        &env.path("prom-data"),
+        env.path("prometheus.stderr"),
+    );
+    // Counters must be seen before the failures for a rate to show them.
+    let up = poll_until(Duration::from_secs(30), || {
+        let value = query(&env.ns, "up{job=\"proxy\"}").ok()?.first()?.1;
+        (value == 1.0).then_some(())
+    });
+    assert!(up.is_some(), "Prometheus never scraped the proxy");
+    let tls = proxy.tls();
+    let mut broken = 0;
+    for _ in 0..40 {
+        let got = env
+            .run(|| client::https_streamed(&tls, Req::get("/")))
+            .unwrap_or_else(|e| panic!("GET: {e}"));
+        assert_eq!(got.status.as_u16(), 200, "{got:?}");
+        assert!(got.end.is_err(), "the body must break visibly: {got:?}");
+        broken += 1;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let ratio = poll_until(Duration::from_secs(30), || {
+        let value = query(&env.ns, "job:proxy_http_requests_errors:ratio_rate5m")
+            .ok()?
+            .first()?
+            .1;
+        (value > 0.0).then_some(value)
+    });
+    eprintln!("{broken} responses broken mid-body: availability error ratio {ratio:?}");
+    assert!(
+        ratio.is_some_and(|r| r > 0.99),
+        "{broken} broken 200s should make the error ratio 1, got {ratio:?}; scrape:\n{}",
+        env.metrics().text
+    );
 }
