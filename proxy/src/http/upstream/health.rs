@@ -12,12 +12,16 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::pool::Backend;
+use super::pool::{Backend, FailOpen};
 use crate::config::HealthCheck;
 use crate::error_chain::error_chain;
 
-/// Checks `backend` until it is retired.
-pub(super) async fn check_forever(backend: Arc<Backend>, check: HealthCheck) {
+/// Checks `backend` until it is retired. Its return to the pool ends `fail_open`.
+pub(super) async fn check_forever(
+    backend: Arc<Backend>,
+    check: HealthCheck,
+    fail_open: Arc<FailOpen>,
+) {
     // Spread the checks of many backends (and of many proxies) over the interval.
     let offset = check.interval.mul_f64(fastrand::f64());
     tokio::select! {
@@ -44,6 +48,7 @@ pub(super) async fn check_forever(backend: Arc<Backend>, check: HealthCheck) {
                 failures_in_a_row = 0;
                 if passes_in_a_row >= check.healthy_threshold && backend.set_healthy(true) {
                     tracing::info!(backend = %backend.label, passes = passes_in_a_row, "backend healthy: back in the pool");
+                    fail_open.note(false);
                 }
             }
             Err(reason) => {

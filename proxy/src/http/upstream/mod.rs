@@ -40,7 +40,7 @@ use crate::telemetry::metrics::{BackendMetrics, LabelValue as _, Metrics, Upstre
 use body::RequestBody;
 use budget::RetryBudget;
 use connector::UpstreamConnection;
-use pool::{Backend, Pool};
+use pool::{Backend, FailOpen, Pool};
 
 pub(crate) use pool::BackendLoad;
 
@@ -61,7 +61,8 @@ pub(crate) struct Upstream {
     kernel: Option<Arc<KernelObserver>>,
     /// Stops the running health checks when a reload changes how they are made.
     checks: Mutex<CancellationToken>,
-    failing_open: AtomicBool,
+    /// Shared with the health checks, which end it as soon as a backend is healthy again.
+    fail_open: Arc<FailOpen>,
     /// Deadline for a client's request body between two pieces.
     client_body_timeout: Duration,
 }
@@ -123,13 +124,12 @@ impl Upstream {
             }),
             config: ArcSwap::from_pointee(config.clone()),
             budget: RetryBudget::new(config.retry_budget_percent),
+            fail_open: Arc::new(FailOpen::new(metrics.clone())),
             metrics,
             kernel,
             checks: Mutex::new(CancellationToken::new()),
-            failing_open: AtomicBool::new(false),
             client_body_timeout,
         });
-        upstream.metrics.set_fail_open(false);
         upstream.start_checks(&upstream.pool.load().backends);
         Ok(upstream)
     }
@@ -145,9 +145,10 @@ impl Upstream {
             let backend = backend.clone();
             let check = check.clone();
             let stop = stop.clone();
+            let fail_open = self.fail_open.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    () = health::check_forever(backend, check) => {}
+                    () = health::check_forever(backend, check, fail_open) => {}
                     () = stop.cancelled() => {}
                 }
             });
@@ -274,7 +275,7 @@ impl Upstream {
             let Some((backend, fail_open)) = pool.choose(&tried) else {
                 break;
             };
-            self.note_fail_open(fail_open);
+            self.fail_open.note(fail_open);
             let Ok(uri) = Uri::builder()
                 .scheme("http")
                 .authority(backend.label.as_ref())
@@ -406,23 +407,6 @@ impl Upstream {
     fn failed_live(&self, backend: &Backend, config: &UpstreamConfig) {
         if backend.failed_live(config.eject_after) {
             tracing::warn!(backend = %backend.label, failures = config.eject_after, "backend ejected: consecutive failed requests; it returns when its health check passes");
-        }
-    }
-
-    /// Says once when the pool starts and stops failing open.
-    fn note_fail_open(&self, fail_open: bool) {
-        if self.failing_open.load(Ordering::Relaxed) == fail_open {
-            return;
-        }
-        if self.failing_open.swap(fail_open, Ordering::AcqRel) != fail_open {
-            self.metrics.set_fail_open(fail_open);
-            if fail_open {
-                tracing::warn!(
-                    "no healthy backend: sending requests to all of them anyway (failing open)"
-                );
-            } else {
-                tracing::info!("a backend is healthy again: no longer failing open");
-            }
         }
     }
 }

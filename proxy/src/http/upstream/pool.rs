@@ -14,8 +14,8 @@
 //! healthy the pool fails open: every backend is tried, and `proxy_upstream_fail_open` says so.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::client::legacy::Client;
@@ -159,6 +159,48 @@ pub(crate) struct BackendLoad {
 impl Drop for BackendLoad {
     fn drop(&mut self) {
         self.backend.outstanding.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether the pool is failing open, for `proxy_upstream_fail_open` and the log. Requests
+/// start it (the first with no healthy backend); requests and health checks end it, the
+/// checks so that an idle proxy does not keep saying it fails open once a backend is back.
+pub(super) struct FailOpen {
+    /// Read by every request; changed only under `change`.
+    failing: AtomicBool,
+    /// Orders the changes, so that the gauge ends where the flag does.
+    change: Mutex<()>,
+    metrics: Metrics,
+}
+
+impl FailOpen {
+    pub(super) fn new(metrics: Metrics) -> Self {
+        metrics.set_fail_open(false);
+        FailOpen {
+            failing: AtomicBool::new(false),
+            change: Mutex::new(()),
+            metrics,
+        }
+    }
+
+    /// Records whether the pool fails open now; says so once per change.
+    pub(super) fn note(&self, fail_open: bool) {
+        if self.failing.load(Ordering::Acquire) == fail_open {
+            return;
+        }
+        let _change = self.change.lock().unwrap_or_else(|e| e.into_inner());
+        if self.failing.load(Ordering::Acquire) == fail_open {
+            return;
+        }
+        self.failing.store(fail_open, Ordering::Release);
+        self.metrics.set_fail_open(fail_open);
+        if fail_open {
+            tracing::warn!(
+                "no healthy backend: sending requests to all of them anyway (failing open)"
+            );
+        } else {
+            tracing::info!("a backend is healthy again: no longer failing open");
+        }
     }
 }
 
