@@ -396,6 +396,7 @@ impl Metrics {
             let _ = vec.remove_label_values(&[label]);
         }
         let _ = upstream.request_duration.remove_label_values(&[label]);
+        let _ = self.upstream_connections.remove_label_values(&[label]);
     }
 
     /// Counts a retry the budget did not allow.
@@ -574,6 +575,23 @@ mod tests {
     }
 
     /// Every declared label value is exported from the start, before anything is counted.
+    #[test]
+    fn a_removed_backend_leaves_no_series() {
+        let metrics = Metrics::new().expect("metrics register");
+        let backend = metrics.backend("gone:1");
+        backend.retried();
+        metrics.upstream_connection_opened("gone:1");
+        let _stays = metrics.backend("stays:1");
+        metrics.backend_removed("gone:1");
+        let text = String::from_utf8(metrics.render()).expect("utf8");
+        let left: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("backend=\"gone:1\""))
+            .collect();
+        assert!(left.is_empty(), "series of a removed backend: {left:#?}");
+        assert!(text.contains("backend=\"stays:1\""), "{text}");
+    }
+
     #[test]
     fn declared_label_values_exist_at_zero() {
         let metrics = Metrics::new().expect("metrics register");
