@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod monitoring;
 pub mod mounts;
 pub mod netns;
+pub mod pool;
 pub mod process;
 pub mod upstream;
 
