@@ -415,3 +415,44 @@ fn clients_that_stop_reading_are_cut_at_the_send_deadline_with_bounded_memory() 
     });
     m.expect("proxy_connections_open", &[("listener", "https")]);
 }
+
+#[test]
+fn a_client_that_leaves_before_the_answer_is_counted_as_499_client_closed() {
+    let Some(env) = TestEnv::new("clientleaves") else {
+        return;
+    };
+    let (_backend, proxy) = proxy_with(&env, Behaviour::Answer(Duration::from_secs(3)), &[]);
+    for alpn in [Alpn::H1, Alpn::H2] {
+        let tls = proxy.tls().alpn(alpn);
+        env.run(|| async move {
+            // Gives up on the answer after 300 ms: HTTP/1.1 closes the connection, HTTP/2
+            // resets the stream.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(300),
+                client::https(&tls, Req::get("/")),
+            )
+            .await;
+        });
+    }
+    let m = poll_until(Duration::from_secs(10), || {
+        let m = env.metrics();
+        (m.value(
+            "proxy_http_requests_total",
+            &[("code", "499"), ("outcome", "client_closed")],
+        ) >= 2.0)
+            .then_some(m)
+    });
+    assert!(
+        m.is_some(),
+        "two clients that left before the answer: not counted as 499 client_closed:\n{}",
+        env.metrics().text
+    );
+    let log = proxy.process.stderr();
+    let left = log
+        .lines()
+        .filter(|l| {
+            l.contains("proxy::access") && l.contains("status=499") && l.contains("client_closed")
+        })
+        .count();
+    assert_eq!(left, 2, "access lines for the clients that left:\n{log}");
+}

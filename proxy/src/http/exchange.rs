@@ -20,6 +20,43 @@ use crate::http::upstream::UpstreamReport;
 use crate::telemetry::logging::ACCESS_TARGET;
 use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics, Outcome, UpstreamFailure};
 
+/// The status logged and counted for a request whose client left before its response was
+/// ready (nginx's 499).
+pub(crate) const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+/// An exchange whose response is not ready yet: dropped as it is, it ends as
+/// `client_closed` with status 499.
+pub(crate) struct PendingExchange(Option<Exchange>);
+
+impl PendingExchange {
+    pub(crate) fn new(exchange: Exchange) -> Self {
+        PendingExchange(Some(exchange))
+    }
+
+    /// The response is ready: the exchange goes on with its body.
+    pub(crate) fn answered(
+        mut self,
+        status: StatusCode,
+        upstream: Option<UpstreamReport>,
+    ) -> Option<Exchange> {
+        let mut exchange = self.0.take()?;
+        exchange.status = status;
+        exchange.upstream = upstream;
+        Some(exchange)
+    }
+}
+
+impl Drop for PendingExchange {
+    fn drop(&mut self) {
+        if let Some(exchange) = self.0.take() {
+            exchange.finish(Outcome::ClientClosed, 0);
+        }
+    }
+}
+
 /// What is known of an exchange once its response head is ready.
 pub(crate) struct Exchange {
     pub(crate) metrics: Metrics,
@@ -122,13 +159,13 @@ pub(crate) struct TrackedBody {
 impl TrackedBody {
     pub(crate) fn new(
         inner: Body,
-        exchange: Exchange,
+        exchange: Option<Exchange>,
         activity: Arc<Activity>,
         in_flight: InFlight,
     ) -> Self {
         let mut body = TrackedBody {
             inner,
-            exchange: Some(Box::new(exchange)),
+            exchange: exchange.map(Box::new),
             bytes: 0,
             activity,
             watch: None,

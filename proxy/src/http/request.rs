@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use crate::config::Config;
 use crate::ebpf::KernelTimings;
 use crate::http::deadlines::Activity;
-use crate::http::exchange::{Exchange, TrackedBody};
+use crate::http::exchange::{CLIENT_CLOSED_REQUEST, Exchange, PendingExchange, TrackedBody};
 use crate::http::redirect;
 use crate::http::responses::{Body, static_site, text};
 use crate::http::upstream::Upstream;
@@ -81,6 +81,22 @@ impl Connection {
                     .map(str::to_owned)
             })
             .unwrap_or_default();
+        // Until a response is ready, the exchange ends as the client leaving (hyper drops
+        // this future when the client resets the stream or closes the connection).
+        let pending = PendingExchange::new(Exchange {
+            metrics: responder.metrics.clone(),
+            started,
+            listener: self.listener,
+            peer: self.peer,
+            method,
+            host,
+            path,
+            version,
+            status: CLIENT_CLOSED_REQUEST,
+            tls_handshake: self.tls_handshake,
+            kernel: self.kernel,
+            upstream: None,
+        });
         let mut upstream_report = None;
         let response: Response<Body> = match self.listener {
             // hyper enforces the count for HTTP/1.1 itself; HTTP/2 limits only header bytes.
@@ -100,26 +116,13 @@ impl Connection {
                         upstream_report = report;
                         response
                     }
-                    None => static_site(&method, &path),
+                    None => static_site(request.method(), request.uri().path()),
                 };
                 add_security_headers(response.headers_mut(), &responder.hsts);
                 response
             }
         };
-        let exchange = Exchange {
-            metrics: responder.metrics.clone(),
-            started,
-            listener: self.listener,
-            peer: self.peer,
-            method,
-            host,
-            path,
-            version,
-            status: response.status(),
-            tls_handshake: self.tls_handshake,
-            kernel: self.kernel,
-            upstream: upstream_report,
-        };
+        let exchange = pending.answered(response.status(), upstream_report);
         let activity = self.activity.clone();
         response.map(|body| TrackedBody::new(body, exchange, activity, in_flight))
     }
