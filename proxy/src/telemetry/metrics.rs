@@ -436,11 +436,11 @@ impl Metrics {
         out
     }
 
-    /// Counts an upstream TCP connection opened to `backend` (its configured `host:port`).
-    pub(crate) fn upstream_connection_opened(&self, backend: &str) {
-        self.upstream_connections
-            .with_label_values(&[backend])
-            .inc();
+    /// The count of upstream TCP connections opened to `backend` (its configured
+    /// `host:port`), exported from now on. Held by the backend's connector, so that a
+    /// connection opened after a reload removed the backend does not bring its series back.
+    pub(crate) fn upstream_connections(&self, backend: &str) -> IntCounter {
+        self.upstream_connections.with_label_values(&[backend])
     }
 }
 
@@ -580,7 +580,7 @@ mod tests {
         let metrics = Metrics::new().expect("metrics register");
         let backend = metrics.backend("gone:1");
         backend.retried();
-        metrics.upstream_connection_opened("gone:1");
+        metrics.upstream_connections("gone:1").inc();
         let _stays = metrics.backend("stays:1");
         metrics.backend_removed("gone:1");
         let text = String::from_utf8(metrics.render()).expect("utf8");

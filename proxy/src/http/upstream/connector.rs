@@ -37,7 +37,7 @@ pub(crate) struct Connector {
     connect_timeout: Duration,
     kernel: Option<Arc<KernelObserver>>,
     /// Counts each connection opened (`proxy_upstream_connections_total`).
-    metrics: Metrics,
+    opened: prometheus::IntCounter,
 }
 
 /// What the connector knows about one upstream connection; every response received on it
@@ -65,14 +65,14 @@ impl Connector {
         addrs: Vec<SocketAddr>,
         connect_timeout: Duration,
         kernel: Option<Arc<KernelObserver>>,
-        metrics: Metrics,
+        metrics: &Metrics,
     ) -> Self {
         Connector {
+            opened: metrics.upstream_connections(&backend),
             backend,
             addrs: addrs.into(),
             connect_timeout,
             kernel,
-            metrics,
         }
     }
 
@@ -130,7 +130,7 @@ impl Connector {
         let kernel_connect = kernel
             .zip(cookie)
             .and_then(|(kernel, cookie)| kernel.upstream_connect_time(cookie));
-        self.metrics.upstream_connection_opened(&self.backend);
+        self.opened.inc();
         Ok(UpstreamStream {
             io: TokioIo::new(stream),
             connection: UpstreamConnection {
@@ -216,14 +216,10 @@ mod tests {
 
     use tokio::net::TcpListener;
 
-    fn connector(addrs: Vec<SocketAddr>, timeout: Duration) -> Connector {
-        Connector::new(
-            "test:1".into(),
-            addrs,
-            timeout,
-            None,
-            Metrics::new().expect("metrics register"),
-        )
+    fn connector(addrs: Vec<SocketAddr>, timeout: Duration) -> (Connector, Metrics) {
+        let metrics = Metrics::new().expect("metrics register");
+        let connector = Connector::new("test:1".into(), addrs, timeout, None, &metrics);
+        (connector, metrics)
     }
 
     #[tokio::test]
@@ -235,7 +231,7 @@ mod tests {
             let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             closed.local_addr().expect("addr")
         };
-        let connector = connector(vec![dead, live], Duration::from_secs(2));
+        let (connector, metrics) = connector(vec![dead, live], Duration::from_secs(2));
         let stream = connector
             .connect()
             .await
@@ -246,7 +242,7 @@ mod tests {
         assert_eq!(stream.connection.kernel_connect, None);
         assert!(stream.connection.first_response());
         assert!(!stream.connection.clone().first_response());
-        let text = String::from_utf8(connector.metrics.render()).expect("utf8");
+        let text = String::from_utf8(metrics.render()).expect("utf8");
         assert!(
             text.contains("proxy_upstream_connections_total{backend=\"test:1\"} 1"),
             "{text}"
@@ -272,6 +268,7 @@ mod tests {
         }
         let started = std::time::Instant::now();
         let err = connector(vec![addr], Duration::from_millis(200))
+            .0
             .connect()
             .await
             .expect_err("the accept queue is full");
@@ -286,6 +283,7 @@ mod tests {
     #[tokio::test]
     async fn no_address_is_an_error() {
         let err = connector(vec![], Duration::from_secs(1))
+            .0
             .connect()
             .await
             .expect_err("nothing to connect to");

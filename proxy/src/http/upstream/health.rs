@@ -42,7 +42,15 @@ pub(super) async fn check_forever(
         if was_healthy && !backend.is_healthy() {
             passes_in_a_row = 0;
         }
-        match probe(&backend, &check).await {
+        let healthy_before = backend.is_healthy();
+        let outcome = probe(&backend, &check).await;
+        if healthy_before && !backend.is_healthy() {
+            // Ejected by live traffic while this check ran: it must pass again from here.
+            passes_in_a_row = 0;
+            was_healthy = false;
+            continue;
+        }
+        match outcome {
             Ok(()) => {
                 passes_in_a_row = passes_in_a_row.saturating_add(1);
                 failures_in_a_row = 0;

@@ -189,8 +189,12 @@ impl Upstream {
                         &self.metrics,
                         self.kernel.clone(),
                     );
-                    if existing.is_none() {
-                        tracing::info!(backend = %address.label, "backend joins the pool");
+                    match existing {
+                        // New addresses or connections, same backend: its health carries over.
+                        Some(existing) => {
+                            backend.set_healthy(existing.is_healthy());
+                        }
+                        None => tracing::info!(backend = %address.label, "backend joins the pool"),
                     }
                     fresh.push(backend.clone());
                     backends.push(backend);

@@ -71,7 +71,7 @@ impl Backend {
             addrs.clone(),
             config.connect_timeout,
             kernel,
-            metrics.clone(),
+            metrics,
         );
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
