@@ -69,8 +69,10 @@ fn the_kernel_counts_exactly_the_proxys_own_upstream_connections() {
     let Some(env) = TestEnv::new("kernel-upstream-exact") else {
         return;
     };
-    let _backend = TestUpstream::start(&env.ns, BACKEND, Duration::ZERO);
-    let proxy = serve(&env, BACKEND, &[]);
+    let backend = TestUpstream::start(&env.ns, BACKEND, Duration::ZERO);
+    // Health checks open connections of their own, many during the test: not the proxy's
+    // traffic, so not counted.
+    let proxy = serve(&env, BACKEND, &["--health-check-interval", "50ms"]);
 
     // Every kernel series of the configured backend exists at 0 before any connection.
     let before = env.metrics();
@@ -120,18 +122,33 @@ fn the_kernel_counts_exactly_the_proxys_own_upstream_connections() {
     // Connections are counted at ESTABLISHED, before the proxy's connect() returns; RTT when
     // they close (the backend closes each after its answer).
     let n = f64::from(N);
-    let after = poll_metrics(&env, |m| {
+    poll_metrics(&env, |m| {
         (m.value(
             "proxy_upstream_tcp_rtt_seconds_count",
             &[("backend", BACKEND)],
         ) >= n)
             .then_some(())
     });
+    let checks = proxy_e2e::poll_until(Duration::from_secs(10), || {
+        let checks = backend
+            .heads()
+            .iter()
+            .filter(|head| head.contains("proxy-health-check"))
+            .count();
+        (checks >= 5).then_some(checks)
+    })
+    .unwrap_or(0);
+    // Read again after the checks: none of them may have been counted.
+    let after = env.metrics();
     let kernel = backend_value(&after, "proxy_upstream_tcp_connections_total", BACKEND);
     let own = backend_value(&after, "proxy_upstream_connections_total", BACKEND);
     eprintln!(
-        "{N} proxied requests, {} direct connections: kernel counted {kernel}, proxy {own}",
+        "{N} proxied requests, {} direct connections, {checks} health checks: kernel counted {kernel}, proxy {own}",
         2 * DIRECT
+    );
+    assert!(
+        checks >= 5,
+        "only {checks} health checks ran during the test"
     );
     assert_eq!(own, n, "the proxy's own count of upstream connections");
     assert_eq!(
