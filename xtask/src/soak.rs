@@ -24,6 +24,8 @@ const BATTERY: &[&str] = &[
     "hostile",
     "faults",
     "upstream",
+    "upstream_faults",
+    "upstream_pool",
     "defences",
     "rotation",
     "tls_posture",
