@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use proxy_e2e::client::{self, Req};
 use proxy_e2e::kernel::{
-    Cgroup, cgroup_of, http_requests, https_requests, nft, poll_metrics, wait_for_closed,
+    Cgroup, cgroup_of, drop_syn_acks_from, http_requests, https_requests, nft, poll_metrics,
+    wait_for_closed,
 };
 use proxy_e2e::{
     HTTP, HTTPS, Metrics, NetNs, Proxy, TestEnv, poll_until, proxy_bin, run_with_timeout,
@@ -198,40 +199,8 @@ fn a_lost_syn_ack_shows_as_handshake_time_and_lost_segments_as_retransmits() {
     let proxy = env.serve(REQUIRED);
     let tls = proxy.tls();
 
-    // Lose the SYN-ACKs of :443 for a moment on the way in (a drop on the way out would be a
-    // local send error, not a loss): the kernel retransmits after its 1 s timeout.
-    nft(&env.ns, &["add", "table", "inet", "e2e"]);
-    nft(
-        &env.ns,
-        &[
-            "add",
-            "chain",
-            "inet",
-            "e2e",
-            "lossy",
-            "{ type filter hook input priority 0; }",
-        ],
-    );
-    nft(
-        &env.ns,
-        &[
-            "add",
-            "rule",
-            "inet",
-            "e2e",
-            "lossy",
-            "tcp",
-            "sport",
-            "443",
-            "tcp",
-            "flags",
-            "&",
-            "(syn|ack)",
-            "==",
-            "syn|ack",
-            "drop",
-        ],
-    );
+    // Lose the SYN-ACKs of :443 for a moment: the kernel retransmits after its 1 s timeout.
+    drop_syn_acks_from(&env.ns, 443);
     let started = Instant::now();
     let client = env.ns.spawn({
         let tls = tls.clone();

@@ -275,24 +275,7 @@ pub async fn send(conn: TlsConn, req: Req) -> Result<Resp, String> {
 
 async fn send_inner(conn: TlsConn, req: Req) -> Result<Resp, String> {
     let TlsConn { stream, info } = conn;
-    let io = TokioIo::new(stream);
-    let h2 = info.alpn.as_deref() == Some("h2");
-    let request = req.build(h2)?;
-    let response = if h2 {
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        tokio::spawn(connection);
-        sender.send_request(request).await
-    } else {
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| format!("HTTP/1.1 handshake: {e}"))?;
-        tokio::spawn(connection);
-        sender.send_request(request).await
-    }
-    .map_err(|e| format!("{} {}: {e:?}", req.method, req.path))?;
+    let response = request_over(stream, &info, &req).await?;
     let (parts, body) = response.into_parts();
     let body = body
         .collect()
@@ -306,6 +289,33 @@ async fn send_inner(conn: TlsConn, req: Req) -> Result<Resp, String> {
         version: parts.version,
         tls: info,
     })
+}
+
+/// Sends `req` over `stream` (HTTP/2 if `info` says h2 was negotiated, else HTTP/1.1) and
+/// returns the response with its body still to read.
+async fn request_over(
+    stream: TlsStream<TcpStream>,
+    info: &TlsInfo,
+    req: &Req,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
+    let io = TokioIo::new(stream);
+    let h2 = info.alpn.as_deref() == Some("h2");
+    let request = req.build(h2)?;
+    if h2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("HTTP/1.1 handshake: {e}"))?;
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    }
+    .map_err(|e| format!("{} {}: {e:?}", req.method, req.path))
 }
 
 /// A new TLS connection to the proxy's HTTPS port and one request over it.
@@ -342,28 +352,9 @@ pub async fn https_streamed(opts: &TlsOptions, req: Req) -> Result<Streamed, Str
     let conn = tls_connect(HTTPS, opts).await?;
     let started = std::time::Instant::now();
     let TlsConn { stream, info } = conn;
-    let io = TokioIo::new(stream);
-    let h2 = info.alpn.as_deref() == Some("h2");
-    let request = req.build(h2)?;
-    let response = timeout(CLIENT_TIMEOUT, async {
-        if h2 {
-            let (mut sender, connection) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-            tokio::spawn(connection);
-            sender.send_request(request).await
-        } else {
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| format!("HTTP/1.1 handshake: {e}"))?;
-            tokio::spawn(connection);
-            sender.send_request(request).await
-        }
-        .map_err(|e| format!("{} {}: {e:?}", req.method, req.path))
-    })
-    .await
-    .map_err(|_| format!("no response head within {CLIENT_TIMEOUT:?}"))??;
+    let response = timeout(CLIENT_TIMEOUT, request_over(stream, &info, &req))
+        .await
+        .map_err(|_| format!("no response head within {CLIENT_TIMEOUT:?}"))??;
     let status = response.status();
     let mut body = response.into_body();
     let mut received = 0;
