@@ -295,6 +295,14 @@ fn drain_timeout_bounds_shutdown() {
         took < Duration::from_secs(4),
         "with --drain-timeout 1s shutdown took {took:?} (exit {status})"
     );
+    // The request the drain deadline cut is the proxy's failure, not the client's.
+    let log = proxy.process.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("proxy::access")
+            && l.contains("status=503")
+            && l.contains("outcome=\"aborted\"")),
+        "the request cut at the drain deadline should be logged as 503 aborted:\n{log}"
+    );
 }
 
 #[test]

@@ -44,6 +44,9 @@ pub(crate) struct Activity {
     streaming_started: Notify,
     /// Why the proxy closed the connection, if it did (for the outcome of its responses).
     closed_by_proxy: AtomicU64,
+    /// Set for every connection when the drain deadline passes and the process exits with
+    /// connections still open.
+    abandoned: Arc<AtomicBool>,
 }
 
 /// Why the proxy closed a connection under its responses.
@@ -56,7 +59,8 @@ pub(crate) enum Closed {
 }
 
 impl Activity {
-    pub(crate) fn new() -> Arc<Self> {
+    /// A new connection's activity; `abandoned` is the server's flag for the drain deadline.
+    pub(crate) fn new(abandoned: Arc<AtomicBool>) -> Arc<Self> {
         Arc::new(Activity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -67,6 +71,7 @@ impl Activity {
             streaming: Mutex::new(Vec::new()),
             streaming_started: Notify::new(),
             closed_by_proxy: AtomicU64::new(0),
+            abandoned,
         })
     }
 
@@ -87,6 +92,7 @@ impl Activity {
         match self.closed_by_proxy.load(Ordering::Acquire) {
             1 => Some(Closed::SendTimeout),
             2 => Some(Closed::Drain),
+            _ if self.abandoned.load(Ordering::Acquire) => Some(Closed::Drain),
             _ => None,
         }
     }
@@ -339,7 +345,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn deadlines_follow_requests() {
-        let activity = Activity::new();
+        let activity = Activity::new(Arc::default());
         let first = Duration::from_secs(2);
         let idle = Duration::from_secs(5);
         // No request: expires at the first-request deadline.
@@ -362,7 +368,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_the_client_does_not_take_stalls_its_connection() {
-        let activity = Activity::new();
+        let activity = Activity::new(Arc::default());
         let timeout = Duration::from_secs(60);
         let watch = SendWatch::start(&activity);
         let started = Instant::now();

@@ -27,13 +27,20 @@ pub(crate) const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(
     Err(_) => StatusCode::BAD_REQUEST,
 };
 
-/// An exchange whose response is not ready yet: dropped as it is, it ends as
-/// `client_closed` with status 499.
-pub(crate) struct PendingExchange(Option<Exchange>);
+/// An exchange whose response is not ready yet: dropped as it is, it ends as the client
+/// leaving (499 `client_closed`), or as the proxy closing the connection under it (503
+/// `aborted` at the drain deadline, 499 `client_timeout` at the send deadline).
+pub(crate) struct PendingExchange {
+    exchange: Option<Exchange>,
+    activity: Arc<Activity>,
+}
 
 impl PendingExchange {
-    pub(crate) fn new(exchange: Exchange) -> Self {
-        PendingExchange(Some(exchange))
+    pub(crate) fn new(exchange: Exchange, activity: Arc<Activity>) -> Self {
+        PendingExchange {
+            exchange: Some(exchange),
+            activity,
+        }
     }
 
     /// The response is ready: the exchange goes on with its body.
@@ -42,7 +49,7 @@ impl PendingExchange {
         status: StatusCode,
         upstream: Option<UpstreamReport>,
     ) -> Option<Exchange> {
-        let mut exchange = self.0.take()?;
+        let mut exchange = self.exchange.take()?;
         exchange.status = status;
         exchange.upstream = upstream;
         Some(exchange)
@@ -51,8 +58,16 @@ impl PendingExchange {
 
 impl Drop for PendingExchange {
     fn drop(&mut self) {
-        if let Some(exchange) = self.0.take() {
-            exchange.finish(Outcome::ClientClosed, 0);
+        if let Some(mut exchange) = self.exchange.take() {
+            let outcome = match self.activity.closed_by_proxy() {
+                Some(Closed::Drain) => {
+                    exchange.status = StatusCode::SERVICE_UNAVAILABLE;
+                    Outcome::Aborted
+                }
+                Some(Closed::SendTimeout) => Outcome::ClientTimeout,
+                None => Outcome::ClientClosed,
+            };
+            exchange.finish(outcome, 0);
         }
     }
 }

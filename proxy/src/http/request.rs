@@ -83,20 +83,23 @@ impl Connection {
             .unwrap_or_default();
         // Until a response is ready, the exchange ends as the client leaving (hyper drops
         // this future when the client resets the stream or closes the connection).
-        let pending = PendingExchange::new(Exchange {
-            metrics: responder.metrics.clone(),
-            started,
-            listener: self.listener,
-            peer: self.peer,
-            method,
-            host,
-            path,
-            version,
-            status: CLIENT_CLOSED_REQUEST,
-            tls_handshake: self.tls_handshake,
-            kernel: self.kernel,
-            upstream: None,
-        });
+        let pending = PendingExchange::new(
+            Exchange {
+                metrics: responder.metrics.clone(),
+                started,
+                listener: self.listener,
+                peer: self.peer,
+                method,
+                host,
+                path,
+                version,
+                status: CLIENT_CLOSED_REQUEST,
+                tls_handshake: self.tls_handshake,
+                kernel: self.kernel,
+                upstream: None,
+            },
+            self.activity.clone(),
+        );
         let mut upstream_report = None;
         let response: Response<Body> = match self.listener {
             // hyper enforces the count for HTTP/1.1 itself; HTTP/2 limits only header bytes.

@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
@@ -46,6 +47,8 @@ pub(crate) struct Server {
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so that shutdown can wait for them.
     pub(crate) connections: TaskTracker,
+    /// Set when the drain deadline passes with connections still open.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Server {
@@ -70,7 +73,14 @@ impl Server {
             tls,
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
+            abandoned: Arc::default(),
         }))
+    }
+
+    /// The drain deadline passed: the connections still open are the proxy's to break off,
+    /// and their requests end as `aborted`.
+    pub(crate) fn abandon_connections(&self) {
+        self.abandoned.store(true, Ordering::Release);
     }
 
     /// Accepts connections until shutdown. At the connection cap it stops accepting, so the
@@ -173,7 +183,7 @@ impl Server {
             responder: self.responder.clone(),
             listener,
             peer,
-            activity: Activity::new(),
+            activity: Activity::new(self.abandoned.clone()),
             tls_handshake,
             kernel,
         })

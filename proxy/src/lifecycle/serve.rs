@@ -218,10 +218,13 @@ pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError
     tracing::info!(in_flight = server.connections.len(), deadline = ?config.timeouts.drain, "draining connections");
     match tokio::time::timeout(config.timeouts.drain, server.connections.wait()).await {
         Ok(()) => tracing::info!("drained; exiting"),
-        Err(_) => tracing::warn!(
-            abandoned = server.connections.len(),
-            "drain deadline passed; exiting"
-        ),
+        Err(_) => {
+            server.abandon_connections();
+            tracing::warn!(
+                abandoned = server.connections.len(),
+                "drain deadline passed; exiting"
+            );
+        }
     }
     Ok(())
 }
