@@ -456,3 +456,39 @@ fn a_client_that_leaves_before_the_answer_is_counted_as_499_client_closed() {
         .count();
     assert_eq!(left, 2, "access lines for the clients that left:\n{log}");
 }
+
+#[test]
+fn a_long_upload_is_not_taken_for_a_slow_backend() {
+    let Some(env) = TestEnv::new("longupload") else {
+        return;
+    };
+    // The upload takes 2 s, twice the head deadline; its gaps stay far below the body's.
+    let (_backend, proxy) = proxy_with(&env, Behaviour::Echo, &["--upstream-timeout", "1s"]);
+    let tls = proxy.tls();
+    let answer = env.run(|| async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut conn = client::tls_connect(proxy_e2e::HTTPS, &tls)
+            .await
+            .expect("TLS connection");
+        conn.stream
+            .write_all(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("head");
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            conn.stream.write_all(b"0123456789").await.expect("a piece");
+        }
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), conn.stream.read_to_end(&mut answer))
+            .await;
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "a 2 s upload with --upstream-timeout 1s: {answer:?}"
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("x-echo-length: 100"),
+        "the backend got the whole body: {answer:?}"
+    );
+}

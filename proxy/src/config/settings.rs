@@ -68,7 +68,7 @@ pub(crate) struct Settings {
     /// in turn.
     #[arg(long, env = "PROXY_BALANCE", value_enum, default_value = "p2c")]
     pub(crate) balance: Balance,
-    /// Deadline for a whole upstream response head.
+    /// Deadline for a backend's response head, counted from the end of the request body.
     #[arg(long, env = "PROXY_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) upstream_timeout: Duration,
     /// Deadline for connecting to a backend.

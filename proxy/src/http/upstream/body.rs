@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::Notify;
 
 use crate::http::responses::BoxError;
 
@@ -20,6 +21,8 @@ pub(crate) struct RequestBody {
     unsent: Arc<Mutex<Option<Source>>>,
     taken: Option<Source>,
     started: Arc<AtomicBool>,
+    /// Set, and notified, once the whole body has been handed to a backend.
+    sent: Arc<(AtomicBool, Notify)>,
     end_stream: bool,
     size_hint: SizeHint,
 }
@@ -32,8 +35,32 @@ impl RequestBody {
             unsent: Arc::new(Mutex::new(Some(source))),
             taken: None,
             started: Arc::new(AtomicBool::new(false)),
+            sent: Arc::new((AtomicBool::new(end_stream), Notify::new())),
             end_stream,
             size_hint,
+        }
+    }
+
+    /// Resolves once the whole body has been handed to a backend (at once for a request
+    /// without one): the response head's deadline runs from there, so that a long upload
+    /// is not mistaken for a slow backend.
+    pub(super) async fn sent(&self) {
+        let (done, notify) = &*self.sent;
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn mark_sent(&self) {
+        let (done, notify) = &*self.sent;
+        if !done.swap(true, Ordering::AcqRel) {
+            notify.notify_waiters();
         }
     }
 
@@ -47,6 +74,7 @@ impl RequestBody {
             unsent: self.unsent.clone(),
             taken: None,
             started: self.started.clone(),
+            sent: self.sent.clone(),
             end_stream: self.end_stream,
             size_hint: self.size_hint,
         })
@@ -69,11 +97,17 @@ impl HttpBody for RequestBody {
             this.started.store(true, Ordering::Release);
             this.taken = this.unsent.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
-        match this.taken.as_mut() {
-            Some(source) => Pin::new(source).poll_frame(cx),
+        let Some(source) = this.taken.as_mut() else {
             // Taken by an attempt that is still running: this one has nothing to send.
-            None => Poll::Ready(Some(Err("request body already sent".into()))),
+            return Poll::Ready(Some(Err("request body already sent".into())));
+        };
+        let polled = Pin::new(&mut *source).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.mark_sent(),
+            Poll::Ready(Some(Ok(_))) if source.is_end_stream() => this.mark_sent(),
+            _ => {}
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

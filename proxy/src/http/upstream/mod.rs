@@ -303,8 +303,17 @@ impl Upstream {
 
             let load = backend.load();
             let started = Instant::now();
-            let outcome =
-                tokio::time::timeout(config.timeout, backend.client.request(attempt)).await;
+            // The head's deadline starts once the request body is all sent.
+            let head_deadline = async {
+                if let Some(resend) = &resend {
+                    resend.sent().await;
+                }
+                tokio::time::sleep(config.timeout).await;
+            };
+            let outcome = tokio::select! {
+                response = backend.client.request(attempt) => Ok(response),
+                () = head_deadline => Err(()),
+            };
             let head_time = started.elapsed();
             backend.metrics.answered(head_time);
             let retries = u32::try_from(tried.len()).unwrap_or(u32::MAX);
