@@ -17,7 +17,7 @@ use crate::telemetry::logging::LogFormat;
 
 /// TLS web server and reverse proxy that observes its own sockets in the kernel.
 #[derive(Debug, Parser)]
-#[command(name = "proxy", version, about)]
+#[command(name = "proxy", version = version(), about)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
@@ -160,6 +160,17 @@ impl Cli {
     pub fn log_format(&self) -> LogFormat {
         self.log_format
     }
+}
+
+/// What `--version` says: the version, the source revision, and whether the eBPF object is
+/// embedded (the same facts as `proxy_build_info`).
+fn version() -> String {
+    format!(
+        "{} (revision {}, eBPF {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("PROXY_REVISION"),
+        crate::ebpf::BUILD
+    )
 }
 
 /// Reads the configuration of this process's `serve` again: the same flags and environment

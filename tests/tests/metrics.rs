@@ -193,3 +193,113 @@ fn metrics_count_the_traffic_made() {
         )
     });
 }
+
+/// The standard families and the build's identity, on a live scrape that `promtool check
+/// metrics` accepts: the proxy in upstream mode with eBPF attached, after traffic, so every
+/// family it can export is in the scrape.
+#[test]
+fn a_live_scrape_passes_promtool_and_has_the_standard_families() {
+    let Some(env) = TestEnv::new("metrics-standard") else {
+        return;
+    };
+    if !proxy_e2e::require_tool("metrics-standard", "promtool", "apt-get install prometheus") {
+        return;
+    }
+    let _backend = env.backend("127.0.0.1:8080");
+    let proxy = env.serve(&[
+        "--ebpf",
+        "required",
+        "--upstream",
+        "http://127.0.0.1:8080",
+        "--max-connections",
+        "1234",
+    ]);
+    let tls = proxy.tls();
+    env.run(|| async move {
+        for alpn in [Alpn::H1, Alpn::H2] {
+            let resp = client::https(&tls.clone().alpn(alpn), Req::get("/"))
+                .await
+                .unwrap_or_else(|e| panic!("{alpn:?}: {e}"));
+            assert_eq!(resp.status, 200);
+        }
+    });
+    let m = env.metrics();
+
+    // promtool reads the scrape from stdin; any complaint (format or lint) fails the test.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running promtool");
+    {
+        use std::io::Write as _;
+        let mut stdin = promtool.stdin.take().expect("promtool stdin");
+        stdin
+            .write_all(m.text.as_bytes())
+            .expect("writing the scrape to promtool");
+    }
+    let checked = promtool.wait_with_output().expect("promtool output");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics refused the live scrape ({}):\n{}{}",
+        checked.status,
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(m.get(name, &[]).is_some(), "{name} missing:\n{}", m.text);
+    }
+    let open_fds = m.value("process_open_fds", &[]);
+    let max_fds = m.value("process_max_fds", &[]);
+    assert!(
+        open_fds > 0.0 && open_fds < max_fds,
+        "open fds {open_fds} against the limit {max_fds}"
+    );
+    let started = m.value("process_start_time_seconds", &[]);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
+    assert!(
+        (now - 120.0..=now + 1.0).contains(&started),
+        "process_start_time_seconds {started} is not this test's proxy (now {now})"
+    );
+    assert_eq!(m.value("proxy_connections_max", &[]), 1234.0);
+
+    // The build's identity, the same in --version and in the metric.
+    let version = proxy_e2e::proxy_cmd_ok(&["--version"]);
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    let info = m
+        .named("proxy_build_info")
+        .next()
+        .unwrap_or_else(|| panic!("no proxy_build_info:\n{}", m.text));
+    let label = |name: &str| {
+        info.label(name)
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("proxy_build_info has no {name} label: {info:?}"))
+    };
+    assert_eq!(label("version"), env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        label("ebpf"),
+        "embedded",
+        "eBPF is attached, so it is embedded"
+    );
+    let revision = label("revision");
+    assert!(
+        !revision.is_empty() && version.contains(&format!("revision {revision}")),
+        "--version ({version:?}) and proxy_build_info (revision {revision:?}) disagree"
+    );
+    assert!(
+        version.contains("eBPF embedded"),
+        "--version says whether the eBPF object is embedded: {version:?}"
+    );
+}

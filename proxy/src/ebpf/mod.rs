@@ -46,6 +46,14 @@ const OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(env!("PROXY_EBPF_
 #[cfg(not(proxy_ebpf_embedded))]
 const OBJECT: Option<&[u8]> = None;
 
+/// Whether this build carries the eBPF object, as `--version` and the `ebpf` label of
+/// `proxy_build_info` say it.
+pub(crate) const BUILD: &str = if OBJECT.is_some() {
+    "embedded"
+} else {
+    "absent"
+};
+
 /// Why the kernel observer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {

@@ -118,6 +118,7 @@ fn warn_if_too_few_descriptors(config: &Config) {
 /// Serves until a termination signal, then drains in-flight requests.
 pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError> {
     let metrics = Metrics::new()?;
+    metrics.set_connection_cap(config.limits.max_connections);
     // Before the listeners exist, so that the kernel observer sees them from the start.
     let kernel = ebpf::start(config.ebpf, metrics.registry())?;
 

@@ -142,6 +142,7 @@ pub(crate) struct Metrics {
     tls_handshake_failures: IntCounterVec,
     connections_open: IntGaugeVec,
     connections: IntCounterVec,
+    connections_max: prometheus::IntGauge,
     upstream: UpstreamMetrics,
     certificate_expiry: GaugeVec,
     reloads: IntCounterVec,
@@ -255,11 +256,25 @@ impl Metrics {
         register(Box::new(state_write_failures.clone()))?;
         gauge(
             "proxy_build_info",
-            "Always 1; the version label says which build runs.",
-            &["version"],
+            "Always 1; its labels say which build runs: version, source revision, and whether \
+             the eBPF object is embedded.",
+            &["version", "revision", "ebpf"],
         )?
-        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .with_label_values(&[
+            env!("CARGO_PKG_VERSION"),
+            env!("PROXY_REVISION"),
+            crate::ebpf::BUILD,
+        ])
         .set(1);
+        let connections_max = prometheus::IntGauge::new(
+            "proxy_connections_max",
+            "The connection cap (--max-connections): at it the proxy stops accepting.",
+        )?;
+        register(Box::new(connections_max.clone()))?;
+        // CPU, resident memory, open and maximum file descriptors, start time.
+        register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         register(Box::new(ListenQueueCollector::new()?))?;
 
         let metrics = Metrics {
@@ -283,6 +298,7 @@ impl Metrics {
                 "Client connections open now.",
                 &["listener"],
             )?,
+            connections_max,
             connections: counter(
                 "proxy_connections_total",
                 "Client connections accepted.",
@@ -325,6 +341,12 @@ impl Metrics {
     /// The registry, for collectors of other layers (the kernel observer) to join.
     pub(crate) fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Sets the connection cap that `proxy_connections_max` reports.
+    pub(crate) fn set_connection_cap(&self, max_connections: usize) {
+        self.connections_max
+            .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
     }
 
     /// Counts an accepted connection and keeps it among the open ones until the guard drops.
@@ -566,6 +588,8 @@ mod tests {
             "proxy_reloads_total",
             "proxy_state_write_failures_total",
             "proxy_build_info",
+            "proxy_connections_max",
+            "process_resident_memory_bytes",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),
