@@ -33,13 +33,15 @@ pub fn http_requests(env: &TestEnv, n: u32) {
     }
 }
 
-/// Scrapes until `n` more connections to `port` have closed (closing is asynchronous).
-pub fn wait_for_closed(env: &TestEnv, before: &Metrics, port: &str, n: f64) -> Metrics {
+/// Scrapes until `n` more connections to `listener` (`http` or `https`) have closed (closing
+/// is asynchronous).
+pub fn wait_for_closed(env: &TestEnv, before: &Metrics, listener: &str, n: f64) -> Metrics {
+    let labels = [("listener", listener)];
     let base = before
-        .get("proxy_tcp_connections_closed_total", &[("port", port)])
+        .get("proxy_tcp_connections_closed_total", &labels)
         .unwrap_or(0.0);
     poll_metrics(env, |m| {
-        (m.value("proxy_tcp_connections_closed_total", &[("port", port)]) - base >= n).then_some(())
+        (m.value("proxy_tcp_connections_closed_total", &labels) - base >= n).then_some(())
     })
 }
 

@@ -74,7 +74,7 @@ fn sigusr2_hands_the_sockets_to_a_successor_without_a_failed_request() {
         1.0
     );
     assert!(
-        metrics.value("proxy_tcp_connections_total", &[("port", "443")]) > 0.0,
+        metrics.value("proxy_tcp_connections_total", &[("listener", "https")]) > 0.0,
         "the successor took connections"
     );
     assert!(
@@ -92,7 +92,7 @@ fn sigusr2_hands_the_sockets_to_a_successor_without_a_failed_request() {
     assert_eq!(
         metrics.value(
             "proxy_tcp_resets_total",
-            &[("port", "443"), ("direction", "sent")]
+            &[("listener", "https"), ("direction", "sent")]
         ),
         0.0,
         "the successor reset connections"

@@ -62,17 +62,17 @@ fn connections_to_80_and_443_are_counted_exactly_and_nothing_else_is() {
     https_requests(&env, &proxy, HTTPS_CONNECTIONS);
     http_requests(&env, HTTP_CONNECTIONS);
 
-    for (port, n) in [("443", HTTPS_CONNECTIONS), ("80", HTTP_CONNECTIONS)] {
+    for (listener, n) in [("https", HTTPS_CONNECTIONS), ("http", HTTP_CONNECTIONS)] {
         let n = f64::from(n);
-        let after = wait_for_closed(&env, &before, port, n);
+        let after = wait_for_closed(&env, &before, listener, n);
         let delta = |name: &str| {
-            after.value(name, &[("port", port)])
-                - before.get(name, &[("port", port)]).unwrap_or(0.0)
+            after.value(name, &[("listener", listener)])
+                - before.get(name, &[("listener", listener)]).unwrap_or(0.0)
         };
         assert_eq!(
             delta("proxy_tcp_connections_total"),
             n,
-            "connections to :{port}"
+            "connections to the {listener} listener"
         );
         for histogram in [
             "proxy_tcp_handshake_duration_seconds_count",
@@ -83,13 +83,13 @@ fn connections_to_80_and_443_are_counted_exactly_and_nothing_else_is() {
             assert_eq!(
                 delta(histogram),
                 n,
-                "{histogram} for :{port} should move by exactly {n}"
+                "{histogram} for the {listener} listener should move by exactly {n}"
             );
         }
         assert_eq!(
             delta("proxy_tcp_syn_unseen_total"),
             0.0,
-            "every SYN to :{port} should be seen"
+            "every SYN to the {listener} listener should be seen"
         );
         // Loopback handshakes take microseconds, not seconds.
         let handshake_sum = delta("proxy_tcp_handshake_duration_seconds_sum");
@@ -99,11 +99,14 @@ fn connections_to_80_and_443_are_counted_exactly_and_nothing_else_is() {
         );
     }
     let after = env.metrics();
-    assert!(
-        after
-            .get("proxy_tcp_connections_total", &[("port", "8443")])
-            .is_none(),
-        "a port the proxy does not listen on must not appear"
+    let listeners: Vec<Option<&str>> = after
+        .named("proxy_tcp_connections_total")
+        .map(|s| s.label("listener"))
+        .collect();
+    assert_eq!(
+        listeners,
+        [Some("http"), Some("https")],
+        "only the proxy's two listeners, labelled as in the application metrics"
     );
     assert_eq!(after.value("proxy_ebpf_dropped_records_total", &[]), 0.0);
 
@@ -163,8 +166,14 @@ fn a_stalled_accept_loop_shows_as_accept_wait() {
     }
 
     let metrics = env.metrics();
-    let count = metrics.value("proxy_tcp_accept_wait_seconds_count", &[("port", "443")]);
-    let sum = metrics.value("proxy_tcp_accept_wait_seconds_sum", &[("port", "443")]);
+    let count = metrics.value(
+        "proxy_tcp_accept_wait_seconds_count",
+        &[("listener", "https")],
+    );
+    let sum = metrics.value(
+        "proxy_tcp_accept_wait_seconds_sum",
+        &[("listener", "https")],
+    );
     assert_eq!(
         count, CLIENTS as f64,
         "one accept wait per queued connection"
@@ -176,7 +185,7 @@ fn a_stalled_accept_loop_shows_as_accept_wait() {
     );
     let fast = metrics.value(
         "proxy_tcp_accept_wait_seconds_bucket",
-        &[("port", "443"), ("le", "0.262144")],
+        &[("listener", "https"), ("le", "0.262144")],
     );
     assert_eq!(
         fast, 0.0,
@@ -186,7 +195,7 @@ fn a_stalled_accept_loop_shows_as_accept_wait() {
     assert!(
         metrics.value(
             "proxy_tcp_handshake_duration_seconds_sum",
-            &[("port", "443")]
+            &[("listener", "https")]
         ) < 0.1
     );
 }
@@ -223,13 +232,13 @@ fn a_lost_syn_ack_shows_as_handshake_time_and_lost_segments_as_retransmits() {
     assert_eq!(
         metrics.value(
             "proxy_tcp_handshake_duration_seconds_count",
-            &[("port", "443")]
+            &[("listener", "https")]
         ),
         1.0
     );
     let handshake = metrics.value(
         "proxy_tcp_handshake_duration_seconds_sum",
-        &[("port", "443")],
+        &[("listener", "https")],
     );
     assert!(
         (0.9..5.0).contains(&handshake),
@@ -237,7 +246,7 @@ fn a_lost_syn_ack_shows_as_handshake_time_and_lost_segments_as_retransmits() {
     );
     let fast = metrics.value(
         "proxy_tcp_handshake_duration_seconds_bucket",
-        &[("port", "443"), ("le", "0.524288")],
+        &[("listener", "https"), ("le", "0.524288")],
     );
     assert_eq!(
         fast, 0.0,
@@ -246,8 +255,8 @@ fn a_lost_syn_ack_shows_as_handshake_time_and_lost_segments_as_retransmits() {
 
     // Now drop the proxy's data segments for a moment on an established connection.
     // Retransmits are counted at close: take the baseline once the first connection closed.
-    let metrics = wait_for_closed(&env, &Metrics::parse(""), "443", 1.0);
-    let retransmits_before = metrics.value("proxy_tcp_retransmits_total", &[("port", "443")]);
+    let metrics = wait_for_closed(&env, &Metrics::parse(""), "https", 1.0);
+    let retransmits_before = metrics.value("proxy_tcp_retransmits_total", &[("listener", "https")]);
     nft(
         &env.ns,
         &[
@@ -285,7 +294,7 @@ fn a_lost_syn_ack_shows_as_handshake_time_and_lost_segments_as_retransmits() {
     // Counted when the connection closes.
     poll_metrics(&env, |m| {
         let retransmits =
-            m.value("proxy_tcp_retransmits_total", &[("port", "443")]) - retransmits_before;
+            m.value("proxy_tcp_retransmits_total", &[("listener", "https")]) - retransmits_before;
         (retransmits >= 1.0).then_some(())
     });
 }
@@ -355,32 +364,32 @@ fn resets_are_counted_by_direction() {
     let metrics = poll_metrics(&env, |m| {
         let received = m.value(
             "proxy_tcp_resets_total",
-            &[("port", "443"), ("direction", "received")],
+            &[("listener", "https"), ("direction", "received")],
         );
         let sent = m.value(
             "proxy_tcp_resets_total",
-            &[("port", "443"), ("direction", "sent")],
+            &[("listener", "https"), ("direction", "sent")],
         );
         (received >= ABORTS as f64 && sent >= GARBAGE as f64).then_some(())
     });
     assert_eq!(
         metrics.value(
             "proxy_tcp_resets_total",
-            &[("port", "443"), ("direction", "received")]
+            &[("listener", "https"), ("direction", "received")]
         ),
         ABORTS as f64
     );
     assert_eq!(
         metrics.value(
             "proxy_tcp_resets_total",
-            &[("port", "443"), ("direction", "sent")]
+            &[("listener", "https"), ("direction", "sent")]
         ),
         GARBAGE as f64
     );
     assert_eq!(
         metrics.value(
             "proxy_tcp_resets_total",
-            &[("port", "80"), ("direction", "sent")]
+            &[("listener", "http"), ("direction", "sent")]
         ),
         0.0
     );
@@ -433,30 +442,30 @@ fn sockets_created_by_another_cgroup_and_handed_over_are_measured() {
     const N: u32 = 4;
     https_requests(&env, &proxy, N);
     http_requests(&env, N);
-    for port in ["443", "80"] {
-        let after = wait_for_closed(&env, &before, port, f64::from(N));
-        let delta = after.value("proxy_tcp_connections_total", &[("port", port)])
+    for listener in ["https", "http"] {
+        let after = wait_for_closed(&env, &before, listener, f64::from(N));
+        let delta = after.value("proxy_tcp_connections_total", &[("listener", listener)])
             - before
-                .get("proxy_tcp_connections_total", &[("port", port)])
+                .get("proxy_tcp_connections_total", &[("listener", listener)])
                 .unwrap_or(0.0);
         assert_eq!(
             delta,
             f64::from(N),
-            "connections to the handed-over :{port}"
+            "connections to the handed-over {listener} listener"
         );
         let handshakes = after.value(
             "proxy_tcp_handshake_duration_seconds_count",
-            &[("port", port)],
+            &[("listener", listener)],
         ) - before
             .get(
                 "proxy_tcp_handshake_duration_seconds_count",
-                &[("port", port)],
+                &[("listener", listener)],
             )
             .unwrap_or(0.0);
         assert_eq!(
             handshakes,
             f64::from(N),
-            "handshake times on the handed-over :{port}"
+            "handshake times on the handed-over {listener} listener"
         );
     }
 }

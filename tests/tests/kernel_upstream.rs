@@ -185,7 +185,7 @@ fn the_kernel_counts_exactly_the_proxys_own_upstream_connections() {
     );
     // The listener side counted the client connections, not the upstream ones.
     assert_eq!(
-        after.value("proxy_tcp_connections_total", &[("port", "443")]),
+        after.value("proxy_tcp_connections_total", &[("listener", "https")]),
         n
     );
 

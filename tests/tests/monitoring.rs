@@ -315,8 +315,8 @@ fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
         empty.join("\n")
     );
     for expr in [
-        "sum(rate(proxy_tcp_handshake_duration_seconds_count{port=\"443\"}[1m]))",
-        "sum(rate(proxy_tcp_accept_wait_seconds_count{port=\"80\"}[1m]))",
+        "sum(rate(proxy_tcp_handshake_duration_seconds_count{listener=\"https\"}[1m]))",
+        "sum(rate(proxy_tcp_accept_wait_seconds_count{listener=\"http\"}[1m]))",
         "sum(proxy_ebpf_attached)",
     ] {
         let value = query(&env.ns, expr)

@@ -2,7 +2,8 @@
 //! (nothing per event crosses into userspace) and converted from log2-microsecond buckets and
 //! nanosecond sums to seconds here, the one place that turns the BPF units into Prometheus
 //! units (the accept-wait histogram, observed at accept, is declared here too). Two sets of
-//! arrays: the listeners' (label `port`) and the backends' (label `backend`), whose slots
+//! arrays: the listeners' (label `listener`: `http` or `https`, as in the application
+//! metrics) and the backends' (label `backend`), whose slots
 //! [`BackendSlots`] hands out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -22,8 +23,8 @@ use proxy_common::{
     upstream_counter_index, upstream_histogram_index, upstream_histogram_sum_index,
 };
 
-/// A registered listener or a configured backend: its slot in the BPF arrays and its `port`
-/// or `backend` label value.
+/// A registered listener or a configured backend: its slot in the BPF arrays and its
+/// `listener` or `backend` label value.
 #[derive(Debug, Clone)]
 pub(crate) struct Slot {
     pub(crate) index: u32,
@@ -129,7 +130,7 @@ enum Kind {
         sent: u32,
         received: u32,
     },
-    /// A process-wide counter kept in slot 0, without a `port` label.
+    /// A process-wide counter kept in slot 0, without a `listener` label.
     Global(u32),
 }
 
@@ -363,7 +364,7 @@ impl KernelCollector {
     ) -> prometheus::Result<Self> {
         let descs = FAMILIES
             .iter()
-            .map(|family| (family, "port"))
+            .map(|family| (family, "listener"))
             .chain(BACKEND_FAMILIES.iter().map(|family| (family, "backend")))
             .map(|(family, owner)| {
                 let labels = match family.kind {
@@ -389,7 +390,7 @@ impl KernelCollector {
     }
 }
 
-/// One family's metric for each slot of `arrays`, labelled `owner` (`port` or `backend`).
+/// One family's metric for each slot of `arrays`, labelled `owner` (`listener` or `backend`).
 fn family(family: &Family, arrays: &Arrays, owner: &str, slots: &[Slot]) -> MetricFamily {
     let mut metrics = Vec::new();
     match family.kind {
@@ -445,7 +446,7 @@ impl Collector for KernelCollector {
             .unwrap_or_default();
         let mut families: Vec<MetricFamily> = FAMILIES
             .iter()
-            .map(|f| family(f, &self.listeners, "port", &listener_slots))
+            .map(|f| family(f, &self.listeners, "listener", &listener_slots))
             .collect();
         let backend_slots = self
             .backend_slots
@@ -494,7 +495,7 @@ pub(super) fn accept_wait_histogram(registry: &Registry) -> prometheus::Result<H
             "Time connections waited in the accept queue: ESTABLISHED to the proxy's accept().",
         )
         .buckets((0..BUCKETS - 1).map(bucket_upper_bound_seconds).collect()),
-        &["port"],
+        &["listener"],
     )?;
     registry.register(Box::new(histogram.clone()))?;
     Ok(histogram)

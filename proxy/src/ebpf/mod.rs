@@ -281,8 +281,14 @@ impl KernelObserver {
         })
     }
 
-    /// Tells the program that `listener` is ours, so that its connections are measured.
-    pub(crate) fn register_listener(&self, listener: &TcpListener) -> Result<(), EbpfError> {
+    /// Tells the program that `listener` is ours, so that its connections are measured
+    /// under label `listener="{name}"` (the application metrics' name for it, not its port,
+    /// so that rules and panels work behind any port).
+    pub(crate) fn register_listener(
+        &self,
+        listener: &TcpListener,
+        name: &'static str,
+    ) -> Result<(), EbpfError> {
         let netns_cookie = kernel::netns_cookie(listener).map_err(|source| EbpfError::Io {
             what: "SO_NETNS_COOKIE".into(),
             source,
@@ -322,9 +328,9 @@ impl KernelObserver {
             })?;
         slots.push(Slot {
             index,
-            label: port.to_string(),
+            label: name.to_owned(),
         });
-        self.accept_wait.with_label_values(&[&port.to_string()]);
+        self.accept_wait.with_label_values(&[name]);
         Ok(())
     }
 
@@ -334,16 +340,12 @@ impl KernelObserver {
         let record = self.connections.get(&cookie, 0).ok()?;
         let accept_wait =
             Duration::from_nanos(kernel::monotonic_ns().saturating_sub(record.established_ns));
-        let port = self
-            .slots
-            .read()
-            .ok()?
-            .iter()
-            .find(|slot| slot.index == record.slot)
-            .map(|slot| slot.label.clone())?;
+        let slots = self.slots.read().ok()?;
+        let slot = slots.iter().find(|slot| slot.index == record.slot)?;
         self.accept_wait
-            .with_label_values(&[&port])
+            .with_label_values(&[&slot.label])
             .observe(accept_wait.as_secs_f64());
+        drop(slots);
         let handshake = (record.syn_ns != 0)
             .then(|| Duration::from_nanos(record.established_ns.saturating_sub(record.syn_ns)));
         Some(KernelTimings {

@@ -12,7 +12,7 @@ use crate::http::upstream::{Upstream, UpstreamError};
 use crate::lifecycle::listeners::{self, ListenError};
 use crate::lifecycle::{handover, notify, signals};
 use crate::telemetry::admin;
-use crate::telemetry::metrics::{Listener, Metrics};
+use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics};
 use crate::tls;
 use crate::tls::certificates::{self, CertError};
 use crate::tls::renewal::TlsManager;
@@ -140,8 +140,8 @@ pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError
     }
 
     if let Some(kernel) = &kernel {
-        for listener in [&http, &https] {
-            if let Err(e) = kernel.register_listener(listener) {
+        for (listener, kind) in [(&http, Listener::Http), (&https, Listener::Https)] {
+            if let Err(e) = kernel.register_listener(listener, kind.as_str()) {
                 tracing::warn!(error = %e, "this listener's connections will not be measured in the kernel");
             }
         }

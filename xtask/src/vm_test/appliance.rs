@@ -94,17 +94,17 @@ pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
         let resp = curl(lab, &["http://localhost:8080/"])?;
         ensure!(resp.status == 308, "http request answered {resp:?}");
     }
-    let expected = [("443", HTTPS_REQUESTS), ("80", HTTP_REQUESTS)];
+    let expected = [("https", HTTPS_REQUESTS), ("http", HTTP_REQUESTS)];
     let started = Instant::now();
     let deltas = loop {
         let after = guest_metrics(lab)?;
         let deltas: Vec<(&str, f64)> = expected
             .iter()
-            .map(|(port, _)| {
+            .map(|(listener, _)| {
                 let key = "proxy_tcp_connections_total";
-                let labels = [("port", *port)];
+                let labels = [("listener", *listener)];
                 (
-                    *port,
+                    *listener,
                     after.value(key, &labels) - before.value(key, &labels),
                 )
             })
@@ -118,31 +118,31 @@ pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_secs(2));
     };
-    for ((port, got), (_, want)) in deltas.iter().zip(expected) {
+    for ((listener, got), (_, want)) in deltas.iter().zip(expected) {
         ensure!(
             *got == want as f64,
-            "proxy_tcp_connections_total{{port=\"{port}\"}} rose by {got}, {want} requests were made"
+            "proxy_tcp_connections_total{{listener=\"{listener}\"}} rose by {got}, {want} requests were made"
         );
     }
     println!(
-        "ok: kernel connection counts rose by exactly the requests made: :443 +{}, :80 +{}",
+        "ok: kernel connection counts rose by exactly the requests made: https +{}, http +{}",
         deltas[0].1, deltas[1].1
     );
 
     let started = Instant::now();
     loop {
         let up = prometheus_query(lab, "up{job=\"proxy\"}")?;
-        let kernel = prometheus_query(lab, "proxy_tcp_connections_total{port=\"443\"}")?;
+        let kernel = prometheus_query(lab, "proxy_tcp_connections_total{listener=\"https\"}")?;
         if up == Some(1.0) && kernel.is_some_and(|v| v > 0.0) {
             println!(
-                "ok: Prometheus (localhost:9091) has the proxy target up and its kernel metrics ({} connections on :443)",
+                "ok: Prometheus (localhost:9091) has the proxy target up and its kernel metrics ({} HTTPS connections)",
                 kernel.unwrap_or_default()
             );
             break;
         }
         ensure!(
             started.elapsed() < Duration::from_secs(120),
-            "Prometheus: up{{job=\"proxy\"}} = {up:?}, proxy_tcp_connections_total{{port=\"443\"}} = {kernel:?} after 120 s"
+            "Prometheus: up{{job=\"proxy\"}} = {up:?}, proxy_tcp_connections_total{{listener=\"https\"}} = {kernel:?} after 120 s"
         );
         std::thread::sleep(Duration::from_secs(5));
     }
