@@ -34,9 +34,18 @@ fn check_fault(test: &str, behaviour: Behaviour, extra: &[&str], expected: Expec
     let proxy = env.serve(&args);
     for alpn in [Alpn::H1, Alpn::H2] {
         let tls = proxy.tls().alpn(alpn);
-        let got: Streamed = env
-            .run(|| client::https_streamed(&tls, Req::get("/")))
-            .unwrap_or_else(|e| panic!("{test} ({alpn:?}): no response at all: {e}"));
+        let started = std::time::Instant::now();
+        let got: Streamed = match env.run(|| client::https_streamed(&tls, Req::get("/"))) {
+            Ok(got) => got,
+            // HTTP/2: when the reset follows the head at once, the client library may report
+            // the reset in place of the head. Broken visibly all the same.
+            Err(e) if expected.broken && alpn == Alpn::H2 && e.contains("Reset(") => {
+                eprintln!("{test} ({alpn:?}): reset before the head was read: {e}");
+                assert!(started.elapsed() <= expected.within, "{test}: {e}");
+                continue;
+            }
+            Err(e) => panic!("{test} ({alpn:?}): no response at all: {e}"),
+        };
         eprintln!("{test} ({alpn:?}): {got:?}");
         assert_eq!(got.status, expected.status, "{test} ({alpn:?}): {got:?}");
         assert_eq!(
