@@ -509,3 +509,60 @@ fn the_availability_sli_counts_responses_broken_mid_body_as_failed() {
         env.metrics().text
     );
 }
+
+/// Every alert's `runbook_url` ends in an anchor that names a heading of `runbook.md` (as a
+/// rendered repository makes anchors: lower case, punctuation dropped, spaces as `-`), and
+/// every alert has a runbook section.
+#[test]
+fn every_runbook_link_lands_on_a_heading() {
+    let dir = monitoring_dir();
+    let runbook = std::fs::read_to_string(dir.join("runbook.md")).expect("runbook.md");
+    let anchors: Vec<String> = runbook
+        .lines()
+        .filter_map(|line| line.strip_prefix('#'))
+        .map(|heading| {
+            heading
+                .trim_start_matches('#')
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect();
+    let alerts =
+        std::fs::read_to_string(dir.join("prometheus/rules/alerts.yml")).expect("alerts.yml");
+    let mut links = 0;
+    let mut broken = Vec::new();
+    for url in alerts
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("runbook_url: "))
+    {
+        links += 1;
+        match url.split_once('#') {
+            Some((_, anchor)) if anchors.iter().any(|a| a == anchor) => {}
+            _ => broken.push(url.to_owned()),
+        }
+    }
+    let alert_names: std::collections::BTreeSet<&str> = alerts
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(
+        links >= alert_names.len(),
+        "{links} runbook links for {} alerts",
+        alert_names.len()
+    );
+    assert!(
+        broken.is_empty(),
+        "runbook links whose anchor is no heading of runbook.md:\n{}",
+        broken.join("\n")
+    );
+    for name in alert_names {
+        assert!(
+            anchors.iter().any(|a| *a == name.to_lowercase()),
+            "alert {name} has no section in runbook.md"
+        );
+    }
+}
