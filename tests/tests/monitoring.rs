@@ -295,6 +295,40 @@ fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
         "no request failed yet: {availability:?}"
     );
 
+    // Every label value the rules, alerts and panels match on is one the proxy exports:
+    // promtool checks names, not values, and a value nobody exports matches nothing.
+    let scrape = env.metrics();
+    let mut sources = vec![
+        recording.clone(),
+        std::fs::read_to_string(config_dir.join("prometheus/rules/alerts.yml"))
+            .expect("alerts.yml"),
+    ];
+    for file in ["overview.json", "kernel-latency.json"] {
+        sources.extend(targets(&dashboard(file)).into_iter().map(|(_, expr)| expr));
+    }
+    let mut unexported = std::collections::BTreeSet::new();
+    let mut checked = 0;
+    for (label, value) in sources.iter().flat_map(|text| equality_matchers(text)) {
+        // Target labels are Prometheus's, not the proxy's; `$...` are dashboard variables.
+        if ["job", "instance"].contains(&label.as_str()) || value.contains('$') {
+            continue;
+        }
+        checked += 1;
+        if !scrape
+            .samples
+            .iter()
+            .any(|s| s.label(&label) == Some(value.as_str()))
+        {
+            unexported.insert(format!("{label}=\"{value}\""));
+        }
+    }
+    assert!(checked >= 20, "only {checked} label matchers found");
+    assert!(
+        unexported.is_empty(),
+        "label values the monitoring matches on that the live scrape does not have:\n{}",
+        unexported.into_iter().collect::<Vec<_>>().join("\n")
+    );
+
     // Every query of every dashboard panel returns data.
     let mut empty = Vec::new();
     for file in ["overview.json", "kernel-latency.json"] {
@@ -408,6 +442,36 @@ fn targets(dashboard: &serde_json::Value) -> Vec<(String, String)> {
                 .filter_map(move |t| t["expr"].as_str().map(|e| (title.clone(), e.to_owned())))
         })
         .collect()
+}
+
+/// The `label="value"` matchers of the PromQL in `text` (equality only: `=~`, `!=` and
+/// `!~` are left out).
+fn equality_matchers(text: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("=\"") {
+        let eq = i + at;
+        i = eq + 2;
+        // The label name right before `=`, itself right after `{` or `,` (and spaces).
+        let name_start = text[..eq]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(0, |p| p + 1);
+        let name = &text[name_start..eq];
+        let before = text[..name_start].trim_end();
+        if name.is_empty() || !(before.ends_with('{') || before.ends_with(',')) {
+            continue;
+        }
+        if eq > 0 && matches!(bytes[eq - 1], b'!' | b'~') {
+            continue;
+        }
+        let Some(len) = text[i..].find('"') else {
+            break;
+        };
+        found.push((name.to_owned(), text[i..i + len].to_owned()));
+        i += len + 1;
+    }
+    found
 }
 
 /// The dashboard's template variables.
