@@ -1,9 +1,8 @@
-//! What the upstream-pool tests need besides the proxy: shipped backends each logging to a
-//! file of its own (one is killed and restarted), live requests told from health checks,
+//! What the upstream-pool tests need besides the proxy: the pool's addresses and proxy,
+//! live requests told from health checks,
 //! client load recording every exchange (a new TLS connection per request, or kept-alive
 //! connections), and the figures drawn from them.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -15,24 +14,59 @@ use hyper_util::rt::TokioIo;
 
 use crate::client::{self, Alpn, CLIENT_TIMEOUT, Req, TlsOptions};
 use crate::netns::NetNs;
-use crate::process::Process;
+use crate::process::Proxy;
 use crate::{HTTPS, Metrics};
+use crate::{TestEnv, poll_until};
 
 /// The `User-Agent` of the proxy's active health checks, which tell them from live requests.
 pub const HEALTH_CHECK_AGENT: &str = "proxy-health-check";
 
-/// Starts `proxy backend --listen ADDR` in `ns`, its output in `<dir>/<log>`, and waits until
-/// it accepts connections (20 s at most).
-pub fn shipped_backend(ns: &NetNs, dir: &Path, listen: &str, log: &str) -> Process {
-    let mut cmd = ns.command(crate::proxy_bin());
-    cmd.args(["backend", "--listen", listen]);
-    let mut process = Process::spawn("backend", cmd, dir.join(log));
-    let addr = listen.to_owned();
-    process.wait_ready(|| {
-        let addr = addr.clone();
-        ns.run(|| async move { tokio::net::TcpStream::connect(addr.as_str()).await.is_ok() })
+/// The pool tests' backend addresses.
+pub const A: &str = "127.0.0.1:8081";
+pub const B: &str = "127.0.0.1:8082";
+pub const C: &str = "127.0.0.1:8083";
+/// What the shipped backend answers to `GET /`.
+pub const HELLO: &str = "Hello SRE!";
+
+/// The `--upstream` URL of a backend address.
+pub fn url(addr: &str) -> String {
+    format!("http://{addr}")
+}
+
+/// Starts the proxy with the pool `backends` (one `--upstream` each) and `extra` flags.
+pub fn serve_pool(env: &TestEnv, backends: &[&str], extra: &[&str]) -> Proxy {
+    let urls: Vec<String> = backends.iter().map(|b| url(b)).collect();
+    let mut args: Vec<&str> = urls
+        .iter()
+        .flat_map(|u| ["--upstream", u.as_str()])
+        .collect();
+    args.extend_from_slice(extra);
+    env.serve(&args)
+}
+
+/// Attempts the proxy sent to `backends`, all together.
+pub fn sum_attempts(m: &Metrics, backends: &[&str]) -> f64 {
+    backends.iter().map(|b| attempts(m, b)).sum()
+}
+
+/// Waits for `proxy_upstream_requests_in_flight` to come back to 0 once the clients have all
+/// their answers; panics with the scrape if it does not (a leak would also skew p2c).
+pub fn assert_in_flight_settles(env: &TestEnv, context: &str) {
+    let settled = poll_until(Duration::from_secs(10), || {
+        (in_flight(&env.metrics()) == 0.0).then_some(())
     });
-    process
+    assert!(
+        settled.is_some(),
+        "{context}: every response has ended, yet proxy_upstream_requests_in_flight is not 0:\n{}",
+        env.metrics().text
+    );
+}
+
+/// The exchanges that did not end as `200` with one of `bodies`, described (first ten).
+pub fn failures(exchanges: &[Exchange], bodies: &[&str]) -> (usize, Vec<String>) {
+    let failed: Vec<&Exchange> = exchanges.iter().filter(|e| !e.ok_with(bodies)).collect();
+    let shown = failed.iter().take(10).map(|e| e.describe()).collect();
+    (failed.len(), shown)
 }
 
 /// Whether a request head (as an upstream received it) is one of the proxy's health checks.

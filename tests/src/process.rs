@@ -190,11 +190,18 @@ impl Proxy {
     }
 }
 
-/// Starts `proxy backend --listen ADDR` in `ns` and waits until it accepts connections.
+/// Starts `proxy backend --listen ADDR` in `ns` and waits until it accepts connections. Its
+/// output goes to a log of its own, `backend-<addr>.stderr` (`-2`, `-3`, ... for a restart),
+/// so that several backends, or one restarted, keep their logs apart.
 pub fn start_backend(ns: &NetNs, dir: &Path, listen: &str) -> Process {
     let mut cmd = ns.command(proxy_bin());
     cmd.args(["backend", "--listen", listen]);
-    let mut process = Process::spawn("backend", cmd, dir.join("backend.stderr"));
+    let name = format!("backend-{}", listen.replace([':', '.', '[', ']'], "-"));
+    let log = std::iter::once(dir.join(format!("{name}.stderr")))
+        .chain((2..).map(|n| dir.join(format!("{name}-{n}.stderr"))))
+        .find(|path| !path.exists())
+        .unwrap_or_else(|| dir.join(format!("{name}.stderr")));
+    let mut process = Process::spawn("backend", cmd, log);
     let addr = listen.to_owned();
     process.wait_ready(|| {
         let addr = addr.clone();

@@ -1,10 +1,9 @@
-//! Upstream pools as an operator sees them: a backend killed under load costs no request and
-//! comes back when restarted; a failing pool gets at most the retry budget's share of extra
-//! requests; power of two choices sends less to a slow backend than round robin does; a
-//! reload that replaces a backend drains its requests; a pool whose health checks all fail
-//! still serves (fail open); `proxy check` lists the pool.
+//! Who is in an upstream pool, as an operator sees it: a backend killed under load costs no
+//! request and comes back when restarted; a reload that replaces a backend drains its
+//! requests; a pool whose health checks all fail still serves (fail open); `proxy check`
+//! lists the pool. How the pool spreads load is `upstream_balance.rs`.
 //!
-//! Each test prints its figures (shares, latencies, times, ratios) on stderr; run with
+//! Each test prints its figures (times, counts) on stderr; run with
 //! `-- --nocapture` to see them.
 
 use std::path::Path;
@@ -12,20 +11,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use proxy_e2e::pool::{
-    Exchange, Traffic, attempts, backend_series, get_on_new_connection, healthy, in_flight,
-    keep_alive_load, live_requests, percentile, shipped_backend,
+    A, B, C, Exchange, HELLO, Traffic, assert_in_flight_settles, attempts, backend_series,
+    failures, get_on_new_connection, healthy, live_requests, serve_pool, url,
 };
-use proxy_e2e::upstream::{Behaviour, SLOW_BODY, TestUpstream};
+use proxy_e2e::upstream::{SLOW_BODY, TestUpstream};
 use proxy_e2e::{
-    Metrics, Process, Proxy, TestEnv, path_str, poll_until, proxy_bin, proxy_cmd_ok,
-    run_with_timeout,
+    Metrics, Process, TestEnv, path_str, poll_until, proxy_bin, proxy_cmd_ok, run_with_timeout,
 };
-
-const A: &str = "127.0.0.1:8081";
-const B: &str = "127.0.0.1:8082";
-const C: &str = "127.0.0.1:8083";
-/// What the shipped backend answers to `GET /`.
-const HELLO: &str = "Hello SRE!";
 
 /// Active checks of the failover test: a restarted backend needs `HEALTHY_THRESHOLD` passed
 /// checks, `CHECK_INTERVAL` apart, each within `CHECK_TIMEOUT`.
@@ -35,58 +27,12 @@ const HEALTHY_THRESHOLD: u32 = 2;
 /// Scheduling on a loaded machine, scrapes and the first request the restarted backend gets.
 const SCHEDULING_ALLOWANCE: Duration = Duration::from_millis(1500);
 
-fn url(addr: &str) -> String {
-    format!("http://{addr}")
-}
-
-/// Starts the proxy with the pool `backends` (one `--upstream` each) and `extra` flags.
-fn serve_pool(env: &TestEnv, backends: &[&str], extra: &[&str]) -> Proxy {
-    let urls: Vec<String> = backends.iter().map(|b| url(b)).collect();
-    let mut args: Vec<&str> = urls
-        .iter()
-        .flat_map(|u| ["--upstream", u.as_str()])
-        .collect();
-    args.extend_from_slice(extra);
-    env.serve(&args)
-}
-
-fn backend_log(addr: &str) -> String {
-    format!("backend-{}.stderr", addr.replace([':', '.'], "-"))
-}
-
-fn sum_attempts(m: &Metrics, backends: &[&str]) -> f64 {
-    backends.iter().map(|b| attempts(m, b)).sum()
-}
-
-/// Waits for `proxy_upstream_requests_in_flight` to come back to 0 once the clients have all
-/// their answers; panics with the scrape if it does not (a leak would also skew p2c).
-fn assert_in_flight_settles(env: &TestEnv, context: &str) {
-    let settled = poll_until(Duration::from_secs(10), || {
-        (in_flight(&env.metrics()) == 0.0).then_some(())
-    });
-    assert!(
-        settled.is_some(),
-        "{context}: every response has ended, yet proxy_upstream_requests_in_flight is not 0:\n{}",
-        env.metrics().text
-    );
-}
-
-/// The exchanges that did not end as `200` with one of `bodies`, described (first ten).
-fn failures(exchanges: &[Exchange], bodies: &[&str]) -> (usize, Vec<String>) {
-    let failed: Vec<&Exchange> = exchanges.iter().filter(|e| !e.ok_with(bodies)).collect();
-    let shown = failed.iter().take(10).map(|e| e.describe()).collect();
-    (failed.len(), shown)
-}
-
 #[test]
 fn killed_backend_costs_no_request_and_rejoins_when_restarted() {
     let Some(env) = TestEnv::new("pool-failover") else {
         return;
     };
-    let mut backends: Vec<Process> = [A, B, C]
-        .iter()
-        .map(|addr| shipped_backend(&env.ns, env.dir.path(), addr, &backend_log(addr)))
-        .collect();
+    let mut backends: Vec<Process> = [A, B, C].iter().map(|addr| env.backend(addr)).collect();
     let (interval, timeout, threshold) = (
         format!("{}ms", CHECK_INTERVAL.as_millis()),
         format!("{}ms", CHECK_TIMEOUT.as_millis()),
@@ -163,12 +109,7 @@ fn killed_backend_costs_no_request_and_rejoins_when_restarted() {
     );
 
     // Restarted, it is back within the health checks' time.
-    backends[1] = shipped_backend(
-        &env.ns,
-        env.dir.path(),
-        B,
-        &format!("restarted-{}", backend_log(B)),
-    );
+    backends[1] = env.backend(B);
     let restarted = Instant::now();
     let rejoined = poll_until(Duration::from_secs(20), || {
         (attempts(&env.metrics(), B) > still_out).then(|| restarted.elapsed())
@@ -336,12 +277,7 @@ fn killed_backend_costs_no_request_and_rejoins_when_restarted() {
 
     // One backend back: the pool is no longer failing open, and the gauge (what an alert
     // watches) says so as soon as the backend is healthy, whether or not requests come.
-    backends[0] = shipped_backend(
-        &env.ns,
-        env.dir.path(),
-        A,
-        &format!("restarted-{}", backend_log(A)),
-    );
+    backends[0] = env.backend(A);
     let restarted = Instant::now();
     poll_until(Duration::from_secs(20), || {
         (healthy(&env.metrics(), A) == Some(1.0)).then_some(())
@@ -368,187 +304,6 @@ fn killed_backend_costs_no_request_and_rejoins_when_restarted() {
     );
 }
 
-#[test]
-fn retries_stay_within_the_budget_when_every_backend_fails() {
-    let Some(env) = TestEnv::new("pool-budget") else {
-        return;
-    };
-    // Up but failing: each reads the request and resets the connection.
-    let upstreams: Vec<TestUpstream> = [A, B, C]
-        .iter()
-        .map(|addr| TestUpstream::with(&env.ns, addr, Behaviour::Reset))
-        .collect();
-    let proxy = serve_pool(&env, &[A, B, C], &[]);
-    let tls = proxy.tls();
-    let (clients, per_client) = (10, 30);
-    let requests = (clients * per_client) as f64;
-    let started = Instant::now();
-    let exchanges = env.run(|| keep_alive_load(&tls, clients, per_client));
-    let elapsed = started.elapsed();
-    assert_in_flight_settles(&env, "after the failing requests");
-    let m = env.metrics();
-    let sent_to_backends = sum_attempts(&m, &[A, B, C]);
-    let retries = m.value("proxy_upstream_retries_total", &[]);
-    let refused = m.value("proxy_upstream_retries_refused_total", &[]);
-    let heads: Vec<String> = upstreams.iter().flat_map(TestUpstream::heads).collect();
-    let seen = live_requests(&heads);
-    let checks = heads.len() - seen;
-    // The budget counts over 10 s in one-second slots: within 9 s every retry saw every
-    // request so far. A longer run (a very loaded machine) spans several windows: the retries
-    // of each 10 s block are bounded by the share of the requests of that block and the one
-    // before, plus the floor.
-    let (bound, window) = if elapsed < Duration::from_secs(9) {
-        (1.2 * requests + 10.0, "one 10 s window")
-    } else {
-        let windows = elapsed.as_secs() as f64 / 10.0 + 2.0;
-        (
-            1.4 * requests + 10.0 * windows.floor(),
-            "several 10 s windows",
-        )
-    };
-    eprintln!(
-        "retry budget: R = {requests} requests in {elapsed:?} ({window}); attempts = \
-         {sent_to_backends} by the proxy's count, {seen} live requests seen by the backends \
-         (and {checks} health checks); ratio {:.3}; retries {retries}, \
-         refused {refused}; bound {bound}",
-        sent_to_backends / requests
-    );
-    let (not_502, shown) = {
-        let bad: Vec<&Exchange> = exchanges.iter().filter(|e| e.status != Some(502)).collect();
-        (
-            bad.len(),
-            bad.iter()
-                .take(10)
-                .map(|e| e.describe())
-                .collect::<Vec<_>>(),
-        )
-    };
-    assert_eq!(exchanges.len() as f64, requests);
-    assert_eq!(
-        not_502, 0,
-        "every backend resets: each request should get 502: {shown:#?}"
-    );
-    assert_eq!(
-        sent_to_backends,
-        requests + retries,
-        "attempts (proxy_upstream_requests_total) should be the requests plus the retries"
-    );
-    assert_eq!(
-        seen as f64, sent_to_backends,
-        "the backends saw {seen} requests; the proxy counts {sent_to_backends} attempts"
-    );
-    assert!(
-        sent_to_backends <= bound,
-        "{sent_to_backends} attempts for {requests} requests exceeds the budget's {bound}"
-    );
-    assert!(
-        refused > 0.0,
-        "proxy_upstream_retries_refused_total did not move although retries were refused:\n{}",
-        m.text
-    );
-    assert!(
-        retries >= 10.0,
-        "the budget's floor allows 10 retries in any window; only {retries} were made"
-    );
-}
-
-/// What one balancing policy did with a pool of two fast backends and a slow one.
-struct BalanceRun {
-    slow_share: f64,
-    shares: Vec<f64>,
-    upstream_shares: Vec<f64>,
-    p50: Duration,
-    p90: Duration,
-    p99: Duration,
-    requests: usize,
-    elapsed: Duration,
-}
-
-const FAST: Duration = Duration::from_millis(10);
-const SLOW: Duration = Duration::from_millis(100);
-
-fn balance_run(policy: &str) -> Option<BalanceRun> {
-    let env = TestEnv::new(&format!("pool-balance-{policy}"))?;
-    let upstreams = [
-        TestUpstream::start(&env.ns, A, FAST),
-        TestUpstream::start(&env.ns, B, SLOW),
-        TestUpstream::start(&env.ns, C, FAST),
-    ];
-    let proxy = serve_pool(&env, &[A, B, C], &["--balance", policy]);
-    let tls = proxy.tls();
-    let started = Instant::now();
-    let exchanges = env.run(|| keep_alive_load(&tls, 16, 50));
-    let elapsed = started.elapsed();
-    let (failed, shown) = failures(&exchanges, &[SLOW_BODY]);
-    assert_eq!(failed, 0, "{policy}: requests failed: {shown:#?}");
-    assert_in_flight_settles(&env, policy);
-    let m = env.metrics();
-    let total = sum_attempts(&m, &[A, B, C]);
-    let shares: Vec<f64> = [A, B, C].iter().map(|b| attempts(&m, b) / total).collect();
-    let seen: Vec<usize> = upstreams
-        .iter()
-        .map(|u| live_requests(&u.heads()))
-        .collect();
-    let seen_total = seen.iter().sum::<usize>() as f64;
-    let upstream_shares = seen.iter().map(|&n| n as f64 / seen_total).collect();
-    assert_eq!(
-        total,
-        exchanges.len() as f64,
-        "{policy}: no request failed, so attempts should equal requests"
-    );
-    Some(BalanceRun {
-        slow_share: shares[1],
-        shares,
-        upstream_shares,
-        p50: percentile(&exchanges, 50.0),
-        p90: percentile(&exchanges, 90.0),
-        p99: percentile(&exchanges, 99.0),
-        requests: exchanges.len(),
-        elapsed,
-    })
-}
-
-#[test]
-fn two_choices_send_less_to_a_slow_backend_than_round_robin() {
-    let Some(p2c) = balance_run("p2c") else {
-        return;
-    };
-    let Some(round_robin) = balance_run("round-robin") else {
-        return;
-    };
-    for (name, run) in [("p2c", &p2c), ("round-robin", &round_robin)] {
-        eprintln!(
-            "balance {name}: {} requests in {:?} from 16 kept-alive clients; slow backend \
-             ({SLOW:?}, others {FAST:?}) share {:.1}%; shares A/B(slow)/C by the proxy {:.3?}, \
-             by the backends {:.3?}; client p50 {:?}, p90 {:?}, p99 {:?}",
-            run.requests,
-            run.elapsed,
-            run.slow_share * 100.0,
-            run.shares,
-            run.upstream_shares,
-            run.p50,
-            run.p90,
-            run.p99
-        );
-    }
-    assert!(
-        p2c.slow_share < 0.20,
-        "under p2c the 10x slower backend got {:.1}% of the requests (should be < 20%)",
-        p2c.slow_share * 100.0
-    );
-    assert!(
-        (round_robin.slow_share - 1.0 / 3.0).abs() < 0.05,
-        "round robin should give each of three backends a third; the slow one got {:.1}%",
-        round_robin.slow_share * 100.0
-    );
-    assert!(
-        round_robin.slow_share > p2c.slow_share,
-        "round robin gave the slow backend {:.1}%, p2c {:.1}%: p2c should give it less",
-        round_robin.slow_share * 100.0,
-        p2c.slow_share * 100.0
-    );
-}
-
 /// Writes a config file whose pool is `backends`. B answers after 2 s, so its health check
 /// gets a longer deadline than that.
 fn write_pool_config(path: &Path, backends: &[&str]) {
@@ -565,9 +320,9 @@ fn reload_replaces_a_backend_and_drains_its_requests() {
     let Some(env) = TestEnv::new("pool-reload") else {
         return;
     };
-    let _a = shipped_backend(&env.ns, env.dir.path(), A, &backend_log(A));
+    let _a = env.backend(A);
     let b = TestUpstream::start(&env.ns, B, Duration::from_secs(2));
-    let _c = shipped_backend(&env.ns, env.dir.path(), C, &backend_log(C));
+    let _c = env.backend(C);
     let config = env.path("proxy.toml");
     write_pool_config(&config, &[A, B]);
     let proxy = env.serve(&["--config", path_str(&config)]);
@@ -691,10 +446,7 @@ fn failing_health_checks_everywhere_fail_open() {
     let Some(env) = TestEnv::new("pool-failopen") else {
         return;
     };
-    let _backends: Vec<Process> = [A, B, C]
-        .iter()
-        .map(|addr| shipped_backend(&env.ns, env.dir.path(), addr, &backend_log(addr)))
-        .collect();
+    let _backends: Vec<Process> = [A, B, C].iter().map(|addr| env.backend(addr)).collect();
     let proxy = serve_pool(
         &env,
         &[A, B, C],

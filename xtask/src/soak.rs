@@ -26,6 +26,7 @@ const BATTERY: &[&str] = &[
     "upstream",
     "upstream_faults",
     "upstream_pool",
+    "upstream_balance",
     "defences",
     "rotation",
     "tls_posture",
