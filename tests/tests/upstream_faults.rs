@@ -28,10 +28,7 @@ fn check_fault(test: &str, behaviour: Behaviour, extra: &[&str], expected: Expec
     let Some(env) = TestEnv::new(test) else {
         return;
     };
-    let _backend = TestUpstream::with(&env.ns, "127.0.0.1:8081", behaviour);
-    let mut args = vec!["--upstream", "http://127.0.0.1:8081"];
-    args.extend_from_slice(extra);
-    let proxy = env.serve(&args);
+    let (_backend, proxy) = proxy_with(&env, behaviour, extra);
     for alpn in [Alpn::H1, Alpn::H2] {
         let tls = proxy.tls().alpn(alpn);
         let started = std::time::Instant::now();
@@ -232,13 +229,13 @@ fn a_backend_that_resets_is_502_alone_and_retried_in_a_pool() {
         "retries from the resetting backend: {retries}"
     );
     // A POST is not idempotent: its failure after the request was sent is not retried.
-    let post = env
-        .run(|| client::https(&tls, Req::new(Method::POST, "/").body("not to be repeated")))
-        .expect("a response");
-    let post2 = env
-        .run(|| client::https(&tls, Req::new(Method::POST, "/").body("not to be repeated")))
-        .expect("a response");
-    let statuses = [post.status, post2.status];
+    let statuses: Vec<StatusCode> = (0..2)
+        .map(|_| {
+            env.run(|| client::https(&tls, Req::new(Method::POST, "/").body("not to be repeated")))
+                .expect("a response")
+                .status
+        })
+        .collect();
     assert!(
         statuses.contains(&StatusCode::BAD_GATEWAY),
         "one of two POSTs met the resetting backend and must not have been retried: {statuses:?}"

@@ -92,12 +92,8 @@ impl Exchange {
     /// Counts and logs the exchange as ended with `outcome` after `bytes` of body.
     fn finish(self, outcome: Outcome, bytes: u64) {
         // A whole 408 is still an exchange the client's slowness cut short.
-        let client_body_late = self
-            .upstream
-            .as_ref()
-            .is_some_and(|u| u.client_body_timed_out.load(Ordering::Acquire));
         let outcome = match outcome {
-            Outcome::Complete if client_body_late => Outcome::ClientTimeout,
+            Outcome::Complete if self.client_body_late() => Outcome::ClientTimeout,
             other => other,
         };
         let elapsed = self.started.elapsed();
@@ -139,16 +135,19 @@ impl Exchange {
         );
     }
 
+    /// Whether the client's request body missed its deadline.
+    fn client_body_late(&self) -> bool {
+        self.upstream
+            .as_ref()
+            .is_some_and(|u| u.client_body_timed_out.load(Ordering::Acquire))
+    }
+
     /// The outcome of a body that failed with `error`.
     fn failure(&self, error: &BoxError) -> Outcome {
-        let client_body_late = self
-            .upstream
-            .as_ref()
-            .is_some_and(|u| u.client_body_timed_out.load(Ordering::Acquire));
         match error.downcast_ref::<BodyDeadline>() {
             Some(BodyDeadline::Upstream) => Outcome::UpstreamTimeout,
             Some(BodyDeadline::Client) => Outcome::ClientTimeout,
-            None if client_body_late => Outcome::ClientTimeout,
+            None if self.client_body_late() => Outcome::ClientTimeout,
             None => Outcome::UpstreamError,
         }
     }
