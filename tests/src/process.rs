@@ -123,7 +123,7 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts `proxy serve ARGS` in `ns` (adding `--state-dir <dir>/state` unless given) and
-    /// waits until the admin `/readyz` answers 200.
+    /// waits until the admin `/readyz` answers 200 (on `--admin-listen` when given).
     pub fn start(ns: &NetNs, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Proxy {
         Proxy::start_via(ns, dir, &[], args, env, || {})
     }
@@ -163,11 +163,16 @@ impl Proxy {
         // Readable captured logs; the proxy does not check whether stderr is a terminal.
         cmd.env("NO_COLOR", "1");
         cmd.envs(env.iter().copied());
+        let admin = args
+            .iter()
+            .position(|a| *a == "--admin-listen")
+            .and_then(|i| args.get(i + 1))
+            .map_or(ADMIN.to_owned(), |a| (*a).to_owned());
         let mut process = Process::spawn("proxy", cmd, dir.join("proxy.stderr"));
         kick();
         process.wait_ready(|| {
             ns.run(|| async {
-                client::raw_http(ADMIN, b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await
+                client::raw_http(&admin, b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await
             })
             .is_ok_and(|r| r.status == 200)
         });

@@ -12,7 +12,7 @@ use proxy_e2e::monitoring::{
     tool,
 };
 use proxy_e2e::upstream::{Behaviour, TestUpstream};
-use proxy_e2e::{Alpn, HTTP, TestEnv, on_path, poll_until, skip};
+use proxy_e2e::{Alpn, TestEnv, on_path, poll_until, skip};
 
 /// Whether the monitoring tools are installed; skips loudly, or fails under PROXY_E2E_REQUIRE.
 fn tools_present(test: &str) -> bool {
@@ -195,8 +195,15 @@ fn shipped_configs_rules_and_dashboards_pass_the_real_tools() {
     }
 }
 
+/// The job name, ports and addresses of the end-to-end monitoring test: none of them the
+/// shipped defaults, so the rules and dashboards must follow the generator's parameters.
+const JOB: &str = "edge";
+const EDGE_HTTP: &str = "127.0.0.1:8081";
+const EDGE_HTTPS: &str = "127.0.0.1:8444";
+const EDGE_ADMIN: &str = "127.0.0.1:9190";
+
 #[test]
-fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
+fn real_prometheus_sees_every_sli_and_panel_under_another_job_and_a_failure_pages() {
     if !tools_present("monitoring-e2e") {
         return;
     }
@@ -207,23 +214,58 @@ fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
     let proxy = env.serve(&[
         "--ebpf",
         "required",
+        "--http-listen",
+        EDGE_HTTP,
+        "--https-listen",
+        EDGE_HTTPS,
+        "--admin-listen",
+        EDGE_ADMIN,
         "--upstream",
         "http://127.0.0.1:8080",
         "--upstream-connect-timeout",
         "200ms",
     ]);
 
-    // The shipped files, with test-only timings: scrape and evaluate every second, the fast
-    // burn-rate alerts' `for` shortened, and Alertmanager notifying at once.
+    // Rules, alerts, routing and dashboards generated for job="edge"; the shipped
+    // prometheus.yml scraping the proxy under that job name at its admin address. Test-only
+    // timings: scrape and evaluate every second, the fast burn-rate alerts' `for` shortened,
+    // and Alertmanager notifying at once.
     let config_dir = env.path("monitoring");
     copy_tree(&config_dir, &|path, text| match path {
         "prometheus/prometheus.yml" => text
             .replace("scrape_interval: 15s", "scrape_interval: 1s")
-            .replace("evaluation_interval: 15s", "evaluation_interval: 1s"),
-        "prometheus/rules/alerts.yml" => text.replace("for: 2m", "for: 5s"),
-        "alertmanager/alertmanager.yml" => text.replace("group_wait: 30s", "group_wait: 1s"),
+            .replace("evaluation_interval: 15s", "evaluation_interval: 1s")
+            .replace("job_name: proxy", &format!("job_name: {JOB}"))
+            .replace("127.0.0.1:9090", EDGE_ADMIN),
         _ => text,
     });
+    let generated = proxy_mixin::render(&proxy_mixin::Config {
+        selector: format!("job=\"{JOB}\""),
+        ..proxy_mixin::Config::default()
+    })
+    .expect("the mixin renders for job=edge");
+    for file in &generated {
+        let text = match file.path {
+            "prometheus/rules/alerts.yml" => file.text.replace("for: 2m", "for: 5s"),
+            "alertmanager/alertmanager.yml" => {
+                file.text.replace("group_wait: 30s", "group_wait: 1s")
+            }
+            _ => file.text.clone(),
+        };
+        std::fs::write(config_dir.join(file.path), text)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", file.path));
+    }
+    let dashboards: Vec<(&str, serde_json::Value)> = ["overview.json", "kernel-latency.json"]
+        .into_iter()
+        .map(|file| {
+            let path = config_dir.join("grafana/dashboards").join(file);
+            let text = std::fs::read_to_string(&path).expect("generated dashboard");
+            (
+                file,
+                serde_json::from_str(&text).expect("generated dashboard is JSON"),
+            )
+        })
+        .collect();
     let sink = WebhookSink::start(&env.ns, Duration::from_secs(180));
     let _alertmanager = start_alertmanager(
         &env.ns,
@@ -244,13 +286,13 @@ fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
     let mut sent = 0u32;
     while started.elapsed() < Duration::from_secs(6) && sent < 400 {
         let resp = env
-            .run(|| client::https(&tls, Req::get("/")))
+            .run(|| edge_https(&tls))
             .unwrap_or_else(|e| panic!("HTTPS: {e}"));
         assert_eq!(resp.text(), "Hello SRE!");
         let redirect = env
             .run(|| {
                 client::raw_http(
-                    HTTP,
+                    EDGE_HTTP,
                     b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
                 )
             })
@@ -262,7 +304,7 @@ fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
     let scraped = poll_until(Duration::from_secs(20), || {
         let value = query(
             &env.ns,
-            "sum(proxy_http_requests_total{listener=\"https\"})",
+            &format!("sum(proxy_http_requests_total{{job=\"{JOB}\", listener=\"https\"}})"),
         )
         .ok()?
         .first()?
@@ -310,20 +352,22 @@ fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
 
     // Every label value the rules, alerts and panels match on is one the proxy exports:
     // promtool checks names, not values, and a value nobody exports matches nothing.
-    let scrape = env.metrics();
+    let scrape = edge_metrics(&env);
     let mut sources = vec![
         recording.clone(),
         std::fs::read_to_string(config_dir.join("prometheus/rules/alerts.yml"))
             .expect("alerts.yml"),
     ];
-    for file in ["overview.json", "kernel-latency.json"] {
-        sources.extend(targets(&dashboard(file)).into_iter().map(|(_, expr)| expr));
+    for (_, dashboard) in &dashboards {
+        sources.extend(targets(dashboard).into_iter().map(|(_, expr)| expr));
     }
     let mut unexported = std::collections::BTreeSet::new();
     let mut checked = 0;
     for (label, value) in sources.iter().flat_map(|text| equality_matchers(text)) {
         // Target labels are Prometheus's, not the proxy's; `$...` are dashboard variables.
-        if ["job", "instance"].contains(&label.as_str()) || value.contains('$') {
+        if ["job", "instance", "namespace", "cluster"].contains(&label.as_str())
+            || value.contains('$')
+        {
             continue;
         }
         checked += 1;
@@ -342,13 +386,13 @@ fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
         unexported.into_iter().collect::<Vec<_>>().join("\n")
     );
 
-    // Every query of every dashboard panel returns data.
+    // Every query of every dashboard panel returns data, with the job variable set to the
+    // job and the others at "All", as Grafana sends them.
     let mut empty = Vec::new();
-    for file in ["overview.json", "kernel-latency.json"] {
-        let dashboard = dashboard(file);
-        let variables = variable_names(&dashboard);
-        for (title, expr) in targets(&dashboard) {
-            let expr = grafana_to_promql(&expr, &variables);
+    for (file, dashboard) in &dashboards {
+        let variables = variable_names(dashboard);
+        for (title, expr) in targets(dashboard) {
+            let expr = grafana_to_promql(&expr.replace("$job", JOB), &variables);
             match query(&env.ns, &expr) {
                 Ok(result) if !result.is_empty() => {}
                 Ok(_) => empty.push(format!("{file} / {title}: {expr}")),
@@ -380,7 +424,7 @@ fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
     backend.signal(Signal::SIGKILL);
     let _ = backend.wait_exit(Duration::from_secs(5));
     let fired = poll_until(Duration::from_secs(60), || {
-        let resp = env.run(|| client::https(&tls, Req::get("/"))).ok()?;
+        let resp = env.run(|| edge_https(&tls)).ok()?;
         assert_eq!(
             resp.status.as_u16(),
             502,
@@ -407,10 +451,77 @@ fn real_prometheus_sees_every_sli_and_panel_and_a_failure_pages() {
         sink.text()
     );
     assert!(
-        sink.text().contains("\"severity\":\"critical\""),
-        "the page carries its severity: {}",
+        sink.text().contains("\"severity\":\"critical\"")
+            && sink.text().contains(&format!("\"job\":\"{JOB}\"")),
+        "the page carries its severity and its job: {}",
         sink.text()
     );
+
+    // The promtool tests' input series are shaped like the live ones: every label they give a
+    // proxy metric is one the proxy exports on it, and where the proxy exports every value
+    // from the start (bucket bounds, listeners, programs, certificates, reset directions) the
+    // value is one of them; a test fed series the proxy never exports proves nothing.
+    let scrape = edge_metrics(&env);
+    let mut unlike = std::collections::BTreeSet::new();
+    let mut series_checked = 0;
+    for file in files(&monitoring_dir().join("prometheus/tests")) {
+        let text = std::fs::read_to_string(&file).expect("promtool test file");
+        for series in text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- series: '"))
+        {
+            let Some((name, labels)) = series.trim_end_matches('\'').split_once('{') else {
+                continue;
+            };
+            let live: Vec<_> = scrape.samples.iter().filter(|s| s.name == name).collect();
+            if !name.starts_with("proxy_") || live.is_empty() {
+                continue;
+            }
+            series_checked += 1;
+            for (label, value) in equality_matchers(&format!("{{{labels}")) {
+                if ["job", "instance", "namespace", "cluster"].contains(&label.as_str()) {
+                    continue;
+                }
+                let eager =
+                    ["le", "listener", "program", "cert", "direction"].contains(&label.as_str());
+                let known = live
+                    .iter()
+                    .any(|s| s.label(&label).is_some_and(|v| !eager || v == value));
+                if !known {
+                    unlike.insert(format!("{name}{{{label}=\"{value}\"}}"));
+                }
+            }
+        }
+    }
+    assert!(
+        series_checked >= 20,
+        "only {series_checked} promtool input series checked"
+    );
+    assert!(
+        unlike.is_empty(),
+        "promtool tests feed labels or values the live proxy does not export:\n{}",
+        unlike.into_iter().collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// `GET /` over a new TLS connection to the test's HTTPS address.
+async fn edge_https(tls: &proxy_e2e::TlsOptions) -> Result<client::Resp, String> {
+    let conn = client::tls_connect(EDGE_HTTPS, tls).await?;
+    client::send(conn, Req::get("/")).await
+}
+
+/// The proxy's `/metrics` from the test's admin address.
+fn edge_metrics(env: &TestEnv) -> proxy_e2e::metrics::Metrics {
+    let resp = env
+        .run(|| {
+            client::raw_http(
+                EDGE_ADMIN,
+                b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            )
+        })
+        .unwrap_or_else(|e| panic!("scraping {EDGE_ADMIN}/metrics: {e}"));
+    assert_eq!(resp.status, 200, "GET /metrics answered {}", resp.status);
+    proxy_e2e::metrics::Metrics::parse(&String::from_utf8_lossy(&resp.body))
 }
 
 fn files(dir: &Path) -> Vec<String> {
@@ -680,4 +791,60 @@ fn every_runbook_link_lands_on_a_heading() {
             "alert {name} has no section in runbook.md"
         );
     }
+}
+
+/// The fleet's promtool tests (two namespaces, one failing) pass for a job named `edge` with
+/// rules generated for its selector, and fail against the shipped ones, which select
+/// job="proxy": the selector is what makes them match.
+#[test]
+fn fleet_alerts_follow_the_generated_selector() {
+    if !tools_present("monitoring-fleet") {
+        return;
+    }
+    let fleet = std::fs::read_to_string(monitoring_dir().join("prometheus/tests/fleet.yml"))
+        .expect("fleet.yml");
+    let edge_tests = fleet
+        .replace("job=\"proxy\"", "job=\"edge\"")
+        .replace("job: proxy", "job: edge")
+        .replace("(job proxy,", "(job edge,");
+    assert!(
+        !edge_tests.contains("proxy\""),
+        "fleet.yml names job proxy somewhere else"
+    );
+    let run = |config: Option<proxy_mixin::Config>| {
+        let dir = proxy_e2e::scratch_dir("mixin-fleet");
+        let rules = match config {
+            Some(config) => proxy_mixin::render(&config).expect("the mixin renders"),
+            None => proxy_mixin::render(&proxy_mixin::Config::default()).expect("renders"),
+        };
+        for file in rules
+            .iter()
+            .filter(|f| f.path.starts_with("prometheus/rules/"))
+        {
+            let path = dir.path().join(file.path);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("rules dir");
+            std::fs::write(&path, &file.text).expect("rule file");
+        }
+        let tests = dir.path().join("prometheus/tests");
+        std::fs::create_dir_all(&tests).expect("tests dir");
+        std::fs::write(tests.join("fleet.yml"), &edge_tests).expect("fleet.yml");
+        tool(
+            "promtool",
+            &["test", "rules", "tests/fleet.yml"],
+            &dir.path().join("prometheus"),
+        )
+    };
+    let (ok, output) = run(Some(proxy_mixin::Config {
+        selector: "job=\"edge\"".into(),
+        ..proxy_mixin::Config::default()
+    }));
+    assert!(
+        ok,
+        "the fleet tests fail for job edge with rules generated for it:\n{output}"
+    );
+    let (ok, output) = run(None);
+    assert!(
+        !ok && output.contains("FAILED"),
+        "rules selecting job=\"proxy\" should not alert on job edge:\n{output}"
+    );
 }
