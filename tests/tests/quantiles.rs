@@ -2,7 +2,8 @@
 //! agree with the durations of the same requests measured another way. A static answer takes
 //! tens of microseconds, so its p50 and p99 must come out of the fine grid's microsecond
 //! buckets, not interpolated inside one 0–1 ms bucket; and for an upstream that answers after
-//! 3 ms, 40 ms and 300 ms, the histogram's p50 must be within 10% of what the client measured.
+//! 3 ms, 40 ms and 300 ms, the histogram's p50 must be within 10% of what the client measured
+//! (less the client's fixed time beyond the proxy's span, measured with no delay).
 //!
 //! Each test prints what it measured (`quantiles:` lines; run with `--nocapture` to see them).
 
@@ -110,18 +111,27 @@ fn static_answer_quantiles_match_the_access_log_within_one_bucket() {
 }
 
 /// The upstream delays of the second test, each with the keep-alive connections its requests
-/// are spread over: one for the short delay, so that the client's own time (TLS, parsing,
-/// other connections' turns on its one thread) stays small beside 3 ms; more for the long
-/// ones, so that each batch takes at most a couple of seconds.
-const DELAYS_MS: [(u64, usize); 3] = [(3, 1), (40, 2), (300, 8)];
+/// are spread over: one for the short delays, so that the client's own time (TLS, parsing,
+/// other connections' turns on its one thread) stays small and steady beside 3 ms; more for
+/// the long ones, so that each batch takes at most a couple of seconds. The first batch, with
+/// no delay, is the baseline: what the client measures beyond the proxy's span.
+const DELAYS_MS: [(u64, usize); 4] = [(0, 1), (3, 1), (40, 2), (300, 8)];
 /// Requests sent for each delay.
 const UPSTREAM_REQUESTS: usize = 40;
 
+/// The client times a request from sending its head to the end of its body; the histogram
+/// from the proxy's having read the head to its having handed over the body's end. The
+/// difference is fixed per request (TLS records and parsing on both sides, the client's
+/// runtime): about 0.25 ms with the release proxy, 0.65 ms with the debug one `cargo xtask
+/// test` runs, which alone is 10% of a 3 ms answer whatever the buckets. So the client's p50
+/// is compared after taking off that fixed part, measured by a batch with no delay as the
+/// client's p50 minus the access log's (not the histogram's: it is the thing under test).
 #[test]
 fn upstream_delays_p50_is_within_10_percent_of_the_client() {
     let Some(env) = TestEnv::new("quantiles-upstream") else {
         return;
     };
+    let mut overhead = 0.0;
     for (i, (delay_ms, connections)) in DELAYS_MS.into_iter().enumerate() {
         // A proxy and an upstream of their own per delay: the access log and the histogram
         // hold only this batch.
@@ -157,20 +167,39 @@ fn upstream_delays_p50_is_within_10_percent_of_the_client() {
         } else {
             delta[bucket - 1].0
         };
-        let error = (histogram - client).abs() / client;
+        if delay_ms == 0 {
+            overhead = client - logged;
+            println!(
+                "quantiles: upstream baseline (no delay): client p50 {} µs, histogram p50 {} µs, \
+                 access log p50 {} µs; the client's time beyond the proxy's span: {} µs",
+                micros(client),
+                micros(histogram),
+                micros(logged),
+                micros(overhead),
+            );
+            drop(proxy);
+            continue;
+        }
+        let expected = client - overhead;
+        let error = (histogram - expected).abs() / expected;
         println!(
-            "quantiles: upstream {delay_ms} ms: client p50 {} µs, histogram p50 {} µs \
-             (bucket ({} µs, {} µs]), access log p50 {} µs, error {:.1}%",
+            "quantiles: upstream {delay_ms} ms: client p50 {} µs ({} µs less the baseline's \
+             {} µs), histogram p50 {} µs (bucket ({} µs, {} µs]), access log p50 {} µs, \
+             error {:.1}% (against the raw client p50: {:.1}%)",
             micros(client),
+            micros(expected),
+            micros(overhead),
             micros(histogram),
             micros(lower),
             micros(delta[bucket].0),
             micros(logged),
             error * 100.0,
+            (histogram - client).abs() / client * 100.0,
         );
         assert!(
             error <= 0.10,
-            "{delay_ms} ms upstream: histogram p50 {histogram} s vs client p50 {client} s"
+            "{delay_ms} ms upstream: histogram p50 {histogram} s vs the client's p50 {client} s \
+             less its {overhead} s beyond the proxy's span"
         );
         drop(proxy);
     }
