@@ -58,6 +58,32 @@ fn static_answer_quantiles_match_the_access_log_within_one_bucket() {
     let scrape = env.metrics();
     let buckets = buckets(&scrape);
     assert_fine_grid(&buckets);
+    // One grid: the kernel's fine histograms have the application's bounds exactly; the
+    // lifetime histogram has the octave bounds, each of them a fine bound too.
+    let bounds = |buckets: &[(f64, f64)]| buckets.iter().map(|(le, _)| *le).collect::<Vec<_>>();
+    for kernel in [
+        "proxy_tcp_handshake_duration_seconds",
+        "proxy_tcp_rtt_seconds",
+        "proxy_tcp_accept_wait_seconds",
+    ] {
+        assert_eq!(
+            bounds(&family_buckets(&scrape, kernel)),
+            bounds(&buckets),
+            "{kernel} has the request histogram's bounds"
+        );
+    }
+    let lifetime = bounds(&family_buckets(
+        &scrape,
+        "proxy_tcp_connection_duration_seconds",
+    ));
+    assert_eq!(lifetime.len(), 32, "31 octave bounds and +Inf");
+    assert!(
+        lifetime
+            .iter()
+            .filter(|le| **le <= 67.108864)
+            .all(|le| bounds(&buckets).contains(le)),
+        "every coarse bound up to 67 s is a fine bound: {lifetime:?}"
+    );
     let count = buckets.last().map_or(0.0, |(_, c)| *c);
     assert_eq!(
         count, STATIC_REQUESTS as f64,
@@ -298,8 +324,13 @@ fn access_log_durations(process: &proxy_e2e::Process, expected: usize) -> Vec<f6
 /// The cumulative buckets `(le, count)` of the HTTPS request-duration histogram, in order,
 /// +Inf last.
 fn buckets(scrape: &Metrics) -> Vec<(f64, f64)> {
+    family_buckets(scrape, REQUEST_DURATION)
+}
+
+/// The cumulative buckets `(le, count)` of histogram `name` for the HTTPS listener.
+fn family_buckets(scrape: &Metrics, name: &str) -> Vec<(f64, f64)> {
     let mut buckets: Vec<(f64, f64)> = scrape
-        .named(&format!("{REQUEST_DURATION}_bucket"))
+        .named(&format!("{name}_bucket"))
         .filter(|s| s.label("listener") == Some("https"))
         .map(|s| {
             let le = s.label("le").expect("a bucket has le");
@@ -312,7 +343,11 @@ fn buckets(scrape: &Metrics) -> Vec<(f64, f64)> {
         })
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    assert!(!buckets.is_empty(), "no buckets in:\n{}", scrape.text);
+    assert!(
+        !buckets.is_empty(),
+        "no {name} buckets in:\n{}",
+        scrape.text
+    );
     buckets
 }
 
