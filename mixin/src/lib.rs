@@ -270,12 +270,10 @@ fn nearest_bounds(seconds: f64) -> String {
         .join(" and ")
 }
 
-/// The finite upper bounds (seconds) of the proxy's latency histograms.
+/// The finite upper bounds (seconds) of the histograms the SLOs read (request duration,
+/// accept wait): the fine scale the proxy and its eBPF program share.
 fn bucket_bounds() -> impl Iterator<Item = f64> {
-    // 1..8 µs, then eight per power of two up to 2^26 µs.
-    (1..=8u64)
-        .chain((3..26u32).flat_map(|k| (1..=8u64).map(move |j| (1u64 << k) + (j << (k - 3)))))
-        .map(|us| us as f64 / 1e6)
+    proxy_common::Scale::Fine.finite_bounds_seconds()
 }
 
 /// A number as the monitoring prints it: no float noise (`1 - 0.999` is 0.1%, not

@@ -8,24 +8,35 @@
 //! metrics, and each of its own connections to a backend, before `connect()`, by socket
 //! cookie in `UPSTREAM_SOCKETS`, with the backend's slot; the program ignores every other
 //! socket.
+//!
+//! Histogram buckets follow the one grid of [`buckets`]: the listeners' handshake and RTT
+//! histograms use its fine scale, their lifetime histogram and every per-backend histogram
+//! the coarse one ([`listener_scale`], [`UPSTREAM_SCALE`]).
 #![no_std]
+
+pub mod buckets;
+
+pub use buckets::{
+    COARSE_BUCKETS, FINE_BUCKETS, Scale, coarse_bucket_of_ns, coarse_bucket_upper_bound_seconds,
+    fine_bucket_of_ns, fine_bucket_upper_bound_seconds,
+};
 
 /// Listening sockets one proxy registers (HTTP, HTTPS and room for more).
 pub const MAX_LISTENERS: u32 = 8;
-/// Log2 buckets of microseconds: bucket `b` counts values in `[2^(b-1), 2^b)` µs
-/// (bucket 0: under 1 µs); the last bucket also takes everything larger (≥ ~36 min).
-pub const BUCKETS: u32 = 32;
 
-/// Histogram: SYN received to ESTABLISHED (server side).
+/// Histogram: SYN received to ESTABLISHED (server side). Fine scale.
 pub const HIST_HANDSHAKE: u32 = 0;
-/// Histogram: smoothed RTT of a connection, sampled when it closes.
+/// Histogram: smoothed RTT of a connection, sampled when it closes. Fine scale.
 pub const HIST_RTT: u32 = 1;
-/// Histogram: ESTABLISHED to CLOSE.
+/// Histogram: ESTABLISHED to CLOSE. Coarse scale (lifetimes run to hours).
 pub const HIST_LIFETIME: u32 = 2;
 /// Number of histograms.
 pub const HISTOGRAMS: u32 = 3;
+/// Bucket slots per (histogram, listener) row of the `HISTOGRAMS` array: room for the fine
+/// scale. A coarse histogram (`HIST_LIFETIME`) uses the first `COARSE_BUCKETS` of its row.
+pub const HISTOGRAM_ROW: u32 = FINE_BUCKETS;
 /// Entries of the `HISTOGRAMS` per-CPU array.
-pub const HISTOGRAM_ENTRIES: u32 = HISTOGRAMS * MAX_LISTENERS * BUCKETS;
+pub const HISTOGRAM_ENTRIES: u32 = HISTOGRAMS * MAX_LISTENERS * HISTOGRAM_ROW;
 /// Entries of the `HISTOGRAM_SUMS` per-CPU array (nanoseconds per histogram and slot).
 pub const HISTOGRAM_SUM_ENTRIES: u32 = HISTOGRAMS * MAX_LISTENERS;
 
@@ -66,8 +77,11 @@ pub const UPSTREAM_HIST_CONNECT: u32 = 0;
 pub const UPSTREAM_HIST_RTT: u32 = 1;
 /// Number of upstream histograms.
 pub const UPSTREAM_HISTOGRAMS: u32 = 2;
+/// The scale of every upstream histogram: coarse, as they exist per backend.
+pub const UPSTREAM_SCALE: Scale = Scale::Coarse;
 /// Entries of the `UPSTREAM_HISTOGRAMS` per-CPU array.
-pub const UPSTREAM_HISTOGRAM_ENTRIES: u32 = UPSTREAM_HISTOGRAMS * MAX_BACKENDS * BUCKETS;
+pub const UPSTREAM_HISTOGRAM_ENTRIES: u32 =
+    UPSTREAM_HISTOGRAMS * MAX_BACKENDS * UPSTREAM_SCALE.buckets();
 /// Entries of the `UPSTREAM_HISTOGRAM_SUMS` per-CPU array.
 pub const UPSTREAM_HISTOGRAM_SUM_ENTRIES: u32 = UPSTREAM_HISTOGRAMS * MAX_BACKENDS;
 
@@ -91,9 +105,18 @@ pub const UPSTREAM_COUNTER_ENTRIES: u32 = UPSTREAM_COUNTERS * MAX_BACKENDS;
 /// Capacity of the map of upstream sockets (registered, connecting or established).
 pub const UPSTREAM_SOCKET_ENTRIES: u32 = 65_536;
 
+/// The scale of listener histogram `histogram` (`HIST_*`).
+pub const fn listener_scale(histogram: u32) -> Scale {
+    if histogram == HIST_LIFETIME {
+        Scale::Coarse
+    } else {
+        Scale::Fine
+    }
+}
+
 /// Index into `HISTOGRAMS`.
 pub const fn histogram_index(histogram: u32, slot: u32, bucket: u32) -> u32 {
-    (histogram * MAX_LISTENERS + slot) * BUCKETS + bucket
+    (histogram * MAX_LISTENERS + slot) * HISTOGRAM_ROW + bucket
 }
 
 /// Index into `HISTOGRAM_SUMS`.
@@ -108,7 +131,7 @@ pub const fn counter_index(counter: u32, slot: u32) -> u32 {
 
 /// Index into `UPSTREAM_HISTOGRAMS`.
 pub const fn upstream_histogram_index(histogram: u32, backend: u32, bucket: u32) -> u32 {
-    (histogram * MAX_BACKENDS + backend) * BUCKETS + bucket
+    (histogram * MAX_BACKENDS + backend) * UPSTREAM_SCALE.buckets() + bucket
 }
 
 /// Index into `UPSTREAM_HISTOGRAM_SUMS`.
@@ -119,52 +142,6 @@ pub const fn upstream_histogram_sum_index(histogram: u32, backend: u32) -> u32 {
 /// Index into `UPSTREAM_COUNTERS`.
 pub const fn upstream_counter_index(counter: u32, backend: u32) -> u32 {
     counter * MAX_BACKENDS + backend
-}
-
-/// The log2 bucket of a duration in nanoseconds. Written with shifts and compares: BPF has
-/// no count-leading-zeros instruction.
-pub const fn bucket_of_ns(ns: u64) -> u32 {
-    let mut us = ns / 1000;
-    if us == 0 {
-        return 0;
-    }
-    let mut bits = 0u32;
-    if us >= 1 << 32 {
-        us >>= 32;
-        bits += 32;
-    }
-    if us >= 1 << 16 {
-        us >>= 16;
-        bits += 16;
-    }
-    if us >= 1 << 8 {
-        us >>= 8;
-        bits += 8;
-    }
-    if us >= 1 << 4 {
-        us >>= 4;
-        bits += 4;
-    }
-    if us >= 1 << 2 {
-        us >>= 2;
-        bits += 2;
-    }
-    if us >= 1 << 1 {
-        bits += 1;
-    }
-    // `bits` is floor(log2(us)); values in [2^bits, 2^(bits+1)) go to bucket bits + 1.
-    let bucket = bits + 1;
-    if bucket >= BUCKETS {
-        BUCKETS - 1
-    } else {
-        bucket
-    }
-}
-
-/// Upper bound in seconds of bucket `b` (the `le` of a Prometheus bucket).
-pub fn bucket_upper_bound_seconds(bucket: u32) -> f64 {
-    // 2^b microseconds.
-    (1u64 << bucket) as f64 / 1e6
 }
 
 /// Key of `LISTENERS`: a listening socket of this proxy.
@@ -234,49 +211,18 @@ mod pod {
 mod tests {
     use super::*;
 
-    fn check(ns: u64, expected: u32) {
-        assert_eq!(bucket_of_ns(ns), expected, "{ns} ns");
-    }
-
-    #[test]
-    fn buckets_are_log2_microseconds() {
-        check(0, 0);
-        check(999, 0);
-        check(1_000, 1);
-        check(1_999, 1);
-        check(2_000, 2);
-        check(3_999, 2);
-        check(4_000, 3);
-        check(1_000_000, 10); // 1 ms: [512, 1024) µs
-        check(1_024_000, 11);
-        check(1_000_000_000, 20); // 1 s
-        check(u64::MAX, BUCKETS - 1);
-    }
-
-    #[test]
-    fn each_value_is_at_most_its_bucket_bound() {
-        for ns in [1_000u64, 5_000, 123_456, 1_000_000_000, 3_600_000_000_000] {
-            let bucket = bucket_of_ns(ns);
-            // The last bucket is open-ended (+Inf in Prometheus).
-            assert!(
-                bucket == BUCKETS - 1 || ns as f64 / 1e9 <= bucket_upper_bound_seconds(bucket),
-                "{ns}"
-            );
-            assert!(
-                bucket == 0 || ns as f64 / 1e9 >= bucket_upper_bound_seconds(bucket - 1),
-                "{ns}"
-            );
-        }
-    }
-
     #[test]
     fn the_last_slot_of_each_array_is_its_last_entry() {
         assert_eq!(
-            histogram_index(HISTOGRAMS - 1, MAX_LISTENERS - 1, BUCKETS - 1),
+            histogram_index(HISTOGRAMS - 1, MAX_LISTENERS - 1, HISTOGRAM_ROW - 1),
             HISTOGRAM_ENTRIES - 1
         );
         assert_eq!(
-            upstream_histogram_index(UPSTREAM_HISTOGRAMS - 1, MAX_BACKENDS - 1, BUCKETS - 1),
+            upstream_histogram_index(
+                UPSTREAM_HISTOGRAMS - 1,
+                MAX_BACKENDS - 1,
+                UPSTREAM_SCALE.buckets() - 1
+            ),
             UPSTREAM_HISTOGRAM_ENTRIES - 1
         );
         assert_eq!(
@@ -287,6 +233,16 @@ mod tests {
             upstream_counter_index(UPSTREAM_COUNTERS - 1, MAX_BACKENDS - 1),
             UPSTREAM_COUNTER_ENTRIES - 1
         );
+    }
+
+    #[test]
+    fn every_listener_histogram_fits_its_row() {
+        for histogram in 0..HISTOGRAMS {
+            assert!(listener_scale(histogram).buckets() <= HISTOGRAM_ROW);
+        }
+        assert_eq!(listener_scale(HIST_HANDSHAKE), Scale::Fine);
+        assert_eq!(listener_scale(HIST_RTT), Scale::Fine);
+        assert_eq!(listener_scale(HIST_LIFETIME), Scale::Coarse);
     }
 
     #[test]

@@ -30,16 +30,16 @@ use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{SockOpsContext, TracePointContext};
 use aya_log_ebpf::warn;
 use proxy_common::{
-    BUCKETS, CONNECTION_ENTRIES, COUNTER_ENTRIES, CTR_CLOSED, CTR_CONNECTIONS, CTR_DROPPED,
+    CONNECTION_ENTRIES, COUNTER_ENTRIES, CTR_CLOSED, CTR_CONNECTIONS, CTR_DROPPED,
     CTR_RESETS_RECEIVED, CTR_RESETS_SENT, CTR_RETRANSMITS, CTR_SYN_UNSEEN, ConnectionRecord,
     FLAG_RESET_RECEIVED, FlowKey, HIST_HANDSHAKE, HIST_LIFETIME, HIST_RTT, HISTOGRAM_ENTRIES,
     HISTOGRAM_SUM_ENTRIES, ListenerKey, MAX_BACKENDS, MAX_LISTENERS, SYN_ENTRIES,
     UPSTREAM_COUNTER_ENTRIES, UPSTREAM_CTR_CONNECT_FAILURES, UPSTREAM_CTR_CONNECTIONS,
     UPSTREAM_CTR_RESETS_RECEIVED, UPSTREAM_CTR_RESETS_SENT, UPSTREAM_CTR_RETRANSMITS,
     UPSTREAM_HIST_CONNECT, UPSTREAM_HIST_RTT, UPSTREAM_HISTOGRAM_ENTRIES,
-    UPSTREAM_HISTOGRAM_SUM_ENTRIES, UPSTREAM_SOCKET_ENTRIES, bucket_of_ns, counter_index,
-    histogram_index, histogram_sum_index, upstream_counter_index, upstream_histogram_index,
-    upstream_histogram_sum_index,
+    UPSTREAM_HISTOGRAM_SUM_ENTRIES, UPSTREAM_SCALE, UPSTREAM_SOCKET_ENTRIES, counter_index,
+    histogram_index, histogram_sum_index, listener_scale, upstream_counter_index,
+    upstream_histogram_index, upstream_histogram_sum_index,
 };
 
 /// The proxy's listening sockets: (netns cookie, port) to slot.
@@ -424,8 +424,10 @@ fn now() -> u64 {
 }
 
 fn observe(histogram: u32, slot: u32, ns: u64) {
-    let bucket = bucket_of_ns(ns);
-    if bucket >= BUCKETS || slot >= MAX_LISTENERS {
+    // Fine or coarse by histogram; a coarse one fills the first slots of its row.
+    let scale = listener_scale(histogram);
+    let bucket = scale.bucket_of_ns(ns);
+    if bucket >= scale.buckets() || slot >= MAX_LISTENERS {
         return;
     }
     add(&HISTOGRAMS, histogram_index(histogram, slot, bucket), 1);
@@ -440,8 +442,8 @@ fn count(counter: u32, slot: u32, by: u64) {
 }
 
 fn observe_upstream(histogram: u32, slot: u32, ns: u64) {
-    let bucket = bucket_of_ns(ns);
-    if bucket >= BUCKETS || slot >= MAX_BACKENDS {
+    let bucket = UPSTREAM_SCALE.bucket_of_ns(ns);
+    if bucket >= UPSTREAM_SCALE.buckets() || slot >= MAX_BACKENDS {
         return;
     }
     add(

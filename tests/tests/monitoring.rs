@@ -405,6 +405,35 @@ fn real_prometheus_sees_every_sli_and_panel_under_another_job_and_a_failure_page
         "dashboard queries with no data after traffic:\n{}",
         empty.join("\n")
     );
+    // The job and instance variables list the proxy (cluster and namespace are labels this
+    // Prometheus does not attach: they list nothing, and "All" matches the series without).
+    for (file, dashboard) in &dashboards {
+        let variables = variable_names(dashboard);
+        for variable in dashboard["templating"]["list"].as_array().into_iter().flatten() {
+            let name = variable["name"].as_str().unwrap_or_default();
+            let Some((selector, label)) = variable["query"]["query"]
+                .as_str()
+                .and_then(|q| q.strip_prefix("label_values("))
+                .and_then(|q| q.strip_suffix(')'))
+                .and_then(|q| q.rsplit_once(", "))
+            else {
+                continue;
+            };
+            let expr = grafana_to_promql(
+                &format!("count by ({label}) ({selector})").replace("$job", JOB),
+                &variables,
+            );
+            let values: Vec<String> = query_labels(&env.ns, &expr, label);
+            if ["job", "instance"].contains(&name) {
+                let expected = if name == "job" { JOB } else { EDGE_ADMIN };
+                assert_eq!(
+                    values,
+                    vec![expected.to_owned()],
+                    "{file}: variable {name} ({expr})"
+                );
+            }
+        }
+    }
     for expr in [
         "sum(rate(proxy_tcp_handshake_duration_seconds_count{listener=\"https\"}[1m]))",
         "sum(rate(proxy_tcp_accept_wait_seconds_count{listener=\"http\"}[1m]))",
@@ -847,4 +876,19 @@ fn fleet_alerts_follow_the_generated_selector() {
         !ok && output.contains("FAILED"),
         "rules selecting job=\"proxy\" should not alert on job edge:\n{output}"
     );
+}
+
+/// The values of `label` in the result of `expr` (one label kept, e.g. by `count by`).
+fn query_labels(ns: &proxy_e2e::netns::NetNs, expr: &str, label: &str) -> Vec<String> {
+    let mut values: Vec<String> = query(ns, expr)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .filter_map(|(labels, _)| {
+            labels
+                .strip_prefix(&format!("{label}="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .collect();
+    values.sort();
+    values
 }

@@ -1,6 +1,6 @@
 //! Kernel metrics for Prometheus, read from the program's per-CPU arrays at scrape time
-//! (nothing per event crosses into userspace) and converted from log2-microsecond buckets and
-//! nanosecond sums to seconds here, the one place that turns the BPF units into Prometheus
+//! (nothing per event crosses into userspace) and converted from the microsecond buckets of
+//! `proxy_common::buckets` (fine or coarse, by histogram) and nanosecond sums to seconds here, the one place that turns the BPF units into Prometheus
 //! units (the accept-wait histogram, observed at accept, is declared here too). Two sets of
 //! arrays: the listeners' (label `listener`: `http` or `https`, as in the application
 //! metrics) and the backends' (label `backend`), whose slots
@@ -14,12 +14,12 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Bucket, Counter, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{HistogramOpts, HistogramVec, Registry};
 use proxy_common::{
-    BUCKETS, COUNTERS, CTR_CLOSED, CTR_CONNECTIONS, CTR_DROPPED, CTR_RESETS_RECEIVED,
-    CTR_RESETS_SENT, CTR_RETRANSMITS, CTR_SYN_UNSEEN, HIST_HANDSHAKE, HIST_LIFETIME, HIST_RTT,
-    HISTOGRAMS, MAX_BACKENDS, UPSTREAM_COUNTERS, UPSTREAM_CTR_CONNECT_FAILURES,
+    COUNTERS, CTR_CLOSED, CTR_CONNECTIONS, CTR_DROPPED, CTR_RESETS_RECEIVED, CTR_RESETS_SENT,
+    CTR_RETRANSMITS, CTR_SYN_UNSEEN, HIST_HANDSHAKE, HIST_LIFETIME, HIST_RTT, HISTOGRAMS,
+    MAX_BACKENDS, Scale, UPSTREAM_COUNTERS, UPSTREAM_CTR_CONNECT_FAILURES,
     UPSTREAM_CTR_CONNECTIONS, UPSTREAM_CTR_RESETS_RECEIVED, UPSTREAM_CTR_RESETS_SENT,
     UPSTREAM_CTR_RETRANSMITS, UPSTREAM_HIST_CONNECT, UPSTREAM_HIST_RTT, UPSTREAM_HISTOGRAMS,
-    bucket_upper_bound_seconds, counter_index, histogram_index, histogram_sum_index,
+    UPSTREAM_SCALE, counter_index, histogram_index, histogram_sum_index, listener_scale,
     upstream_counter_index, upstream_histogram_index, upstream_histogram_sum_index,
 };
 
@@ -226,6 +226,8 @@ const BACKEND_FAMILIES: &[Family] = &[
 struct Layout {
     histograms: u32,
     counters: u32,
+    /// The bucket scale of each histogram.
+    scale: fn(u32) -> Scale,
     histogram: fn(u32, u32, u32) -> u32,
     histogram_sum: fn(u32, u32) -> u32,
     counter: fn(u32, u32) -> u32,
@@ -234,6 +236,7 @@ struct Layout {
 const LISTENER_LAYOUT: Layout = Layout {
     histograms: HISTOGRAMS,
     counters: COUNTERS,
+    scale: listener_scale,
     histogram: histogram_index,
     histogram_sum: histogram_sum_index,
     counter: counter_index,
@@ -242,6 +245,7 @@ const LISTENER_LAYOUT: Layout = Layout {
 const BACKEND_LAYOUT: Layout = Layout {
     histograms: UPSTREAM_HISTOGRAMS,
     counters: UPSTREAM_COUNTERS,
+    scale: |_| UPSTREAM_SCALE,
     histogram: upstream_histogram_index,
     histogram_sum: upstream_histogram_sum_index,
     counter: upstream_counter_index,
@@ -297,19 +301,21 @@ impl Arrays {
         Self::read(&self.counters, (self.layout.counter)(counter, slot))
     }
 
+    /// One histogram of one slot: a read (one `bpf` syscall) per bucket.
     fn histogram(&self, histogram: u32, slot: u32) -> Histogram {
+        let scale = (self.layout.scale)(histogram);
         let mut cumulative = 0;
-        let mut buckets = Vec::with_capacity(BUCKETS as usize);
-        for bucket in 0..BUCKETS {
+        let mut buckets = Vec::with_capacity(scale.buckets() as usize);
+        for bucket in 0..scale.buckets() {
             cumulative += Self::read(
                 &self.histograms,
                 (self.layout.histogram)(histogram, slot, bucket),
             );
             // The last bucket is open-ended: it is the +Inf bucket the encoder adds.
-            if bucket < BUCKETS - 1 {
+            if bucket < scale.buckets() - 1 {
                 let mut b = Bucket::default();
                 b.set_cumulative_count(cumulative);
-                b.set_upper_bound(bucket_upper_bound_seconds(bucket));
+                b.set_upper_bound(scale.upper_bound_seconds(bucket));
                 buckets.push(b);
             }
         }
@@ -331,7 +337,7 @@ impl Arrays {
         let cpus = self.counters.get(&0, 0)?.iter().count();
         let zeros = || PerCpuValues::try_from(vec![0u64; cpus]);
         for histogram in 0..self.layout.histograms {
-            for bucket in 0..BUCKETS {
+            for bucket in 0..(self.layout.scale)(histogram).buckets() {
                 let index = (self.layout.histogram)(histogram, slot, bucket);
                 self.histograms.set(index, zeros()?, 0)?;
             }
@@ -487,14 +493,14 @@ fn counter_metric(labels: &[(&str, &str)], value: u64) -> Metric {
     m
 }
 /// `proxy_tcp_accept_wait_seconds`, registered in `registry`: observed in userspace at
-/// accept, with the same log2-microsecond bounds as the kernel's histograms.
+/// accept, on the fine scale like the kernel's handshake and RTT histograms.
 pub(super) fn accept_wait_histogram(registry: &Registry) -> prometheus::Result<HistogramVec> {
     let histogram = HistogramVec::new(
         HistogramOpts::new(
             "proxy_tcp_accept_wait_seconds",
             "Time connections waited in the accept queue: ESTABLISHED to the proxy's accept().",
         )
-        .buckets((0..BUCKETS - 1).map(bucket_upper_bound_seconds).collect()),
+        .buckets(Scale::Fine.finite_bounds_seconds().collect()),
         &["listener"],
     )?;
     registry.register(Box::new(histogram.clone()))?;

@@ -13,14 +13,17 @@ use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use proxy_common::Scale;
 use strum::IntoEnumIterator;
 
 use crate::telemetry::listen_queue::ListenQueueCollector;
 
-/// Buckets for request and TLS handshake durations: 1 ms to ~16 s.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 16.0,
-];
+/// Bucket bounds of `scale` (`proxy_common::buckets`, the grid the kernel's histograms use
+/// too): fine for request and TLS handshake durations (1 µs to 67 s, 8 per octave), coarse for
+/// the per-backend request duration (one per octave, as there are up to 64 backends).
+fn bounds(scale: Scale) -> Vec<f64> {
+    scale.finite_bounds_seconds().collect()
+}
 
 /// A bounded label value: an enum whose variants are all the values the label takes.
 pub(crate) trait LabelValue: Copy + Into<&'static str> + IntoEnumIterator {
@@ -172,18 +175,17 @@ impl Metrics {
             register(Box::new(metric.clone()))?;
             prometheus::Result::Ok(metric)
         };
-        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+        let histogram_vec = |name: &str, help: &str, labels: &[&str], scale: Scale| {
             let metric = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                HistogramOpts::new(name, help).buckets(bounds(scale)),
                 labels,
             )?;
             register(Box::new(metric.clone()))?;
             prometheus::Result::Ok(metric)
         };
         let histogram = |name: &str, help: &str| {
-            let metric = Histogram::with_opts(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-            )?;
+            let metric =
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(bounds(Scale::Fine)))?;
             register(Box::new(metric.clone()))?;
             prometheus::Result::Ok(metric)
         };
@@ -192,12 +194,14 @@ impl Metrics {
             "proxy_http_request_duration_seconds",
             "Time from request head to the end of the response.",
             &["listener"],
+            Scale::Fine,
         )?;
         let upstream = UpstreamMetrics {
             request_duration: histogram_vec(
                 "proxy_upstream_request_duration_seconds",
                 "Time for a backend to answer with a response head (or fail), by backend.",
                 &["backend"],
+                Scale::Coarse,
             )?,
             errors: counter(
                 "proxy_upstream_errors_total",
@@ -596,6 +600,49 @@ mod tests {
                 "{name} missing from:\n{text}"
             );
         }
+    }
+
+    /// The SLO thresholds the monitoring compares with (`le="0.262144"`: latency;
+    /// `le="0.004096"`: accept wait) are exact bounds of both scales, as the encoder prints
+    /// them, and the fine scale runs from 1 µs to 67.108864 s.
+    #[test]
+    fn slo_thresholds_are_exact_bounds_of_both_scales() {
+        let metrics = Metrics::new().expect("metrics register");
+        metrics.request_answered(
+            Listener::Https,
+            http::StatusCode::OK,
+            Outcome::Complete,
+            Duration::from_micros(30),
+        );
+        metrics.backend("b:1").answered(Duration::from_millis(3));
+        let text = String::from_utf8(metrics.render()).expect("utf8");
+        for le in ["0.262144", "0.004096"] {
+            for series in [
+                "proxy_http_request_duration_seconds_bucket{listener=\"https\"",
+                "proxy_upstream_request_duration_seconds_bucket{backend=\"b:1\"",
+            ] {
+                let line = format!("{series},le=\"{le}\"}}");
+                assert!(text.contains(&line), "{line} missing from:\n{text}");
+            }
+            for scale in [Scale::Fine, Scale::Coarse] {
+                assert!(
+                    bounds(scale).iter().any(|b| b.to_string() == le),
+                    "{le} is no bound of {scale:?}"
+                );
+            }
+        }
+        let fine: Vec<String> = bounds(Scale::Fine).iter().map(f64::to_string).collect();
+        assert_eq!(fine.len(), 192);
+        assert_eq!(fine[..3], ["0.000001", "0.000002", "0.000003"]);
+        assert_eq!(fine[8], "0.000009");
+        assert_eq!(fine.last().map(String::as_str), Some("67.108864"));
+        // The request took 30 µs: counted in le=0.00003, not below.
+        assert!(text.contains(
+            "proxy_http_request_duration_seconds_bucket{listener=\"https\",le=\"0.00003\"} 1"
+        ));
+        assert!(text.contains(
+            "proxy_http_request_duration_seconds_bucket{listener=\"https\",le=\"0.000028\"} 0"
+        ));
     }
 
     /// Every declared label value is exported from the start, before anything is counted.
