@@ -409,7 +409,11 @@ fn real_prometheus_sees_every_sli_and_panel_under_another_job_and_a_failure_page
     // Prometheus does not attach: they list nothing, and "All" matches the series without).
     for (file, dashboard) in &dashboards {
         let variables = variable_names(dashboard);
-        for variable in dashboard["templating"]["list"].as_array().into_iter().flatten() {
+        for variable in dashboard["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let name = variable["name"].as_str().unwrap_or_default();
             let Some((selector, label)) = variable["query"]["query"]
                 .as_str()
