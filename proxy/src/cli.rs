@@ -31,12 +31,44 @@ pub(crate) enum Command {
     /// Serve HTTP (redirects) and HTTPS.
     Serve(Settings),
     /// Validate the configuration and certificates without serving.
-    Check(Settings),
+    Check(CheckArgs),
     /// Run the small backing service that upstream mode proxies to.
     Backend(BackendArgs),
     /// Manage the local certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), generated from these same definitions.
+    #[command(hide = true)]
+    Manpage(ManpageArgs),
+}
+
+/// Flags of `check`: the settings of `serve`, and what to print.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct CheckArgs {
+    #[command(flatten)]
+    pub(crate) settings: Settings,
+    /// Also print the configuration in effect, as a config file: every setting with its
+    /// value and where it came from (flag, environment, file or default).
+    #[arg(long)]
+    pub(crate) print: bool,
+}
+
+/// Flags of `manpage`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ManpageArgs {
+    /// Write every page (proxy.8 and one per subcommand) into this directory instead.
+    #[arg(long)]
+    pub(crate) out_dir: Option<PathBuf>,
+}
+
+/// Flags of `completions`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub(crate) shell: clap_complete::Shell,
 }
 
 /// Flags of `backend`.
@@ -132,15 +164,31 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
+        Ok(Self::matches_with_config(argv)?.0)
+    }
+
+    /// [`Cli::parse_with_config`], with the matches it parsed and the config file it read.
+    fn matches_with_config<I, T>(
+        argv: I,
+    ) -> Result<(Cli, Option<(clap::ArgMatches, ConfigFile)>), CliError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
         let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
         let cli = Cli::try_parse_from(&argv)?;
         let (subcommand, settings) = match &cli.command {
             Command::Serve(settings) => ("serve", settings),
-            Command::Check(settings) => ("check", settings),
-            Command::Backend(_) | Command::Ca(_) => return Ok(cli),
+            Command::Check(args) => ("check", &args.settings),
+            Command::Backend(_)
+            | Command::Ca(_)
+            | Command::Completions(_)
+            | Command::Manpage(_) => {
+                return Ok((cli, None));
+            }
         };
         let Some(path) = &settings.config else {
-            return Ok(cli);
+            return Ok((cli, None));
         };
         let file = ConfigFile::read(path)?;
         let mut command = Cli::command();
@@ -153,7 +201,7 @@ impl Cli {
         let matches = command
             .try_get_matches_from(&argv)
             .map_err(|e| file.value_error(&settings_command, &e))?;
-        Ok(Cli::from_arg_matches(&matches)?)
+        Ok((Cli::from_arg_matches(&matches)?, Some((matches, file))))
     }
 
     /// The log format asked for.
@@ -181,86 +229,139 @@ pub(crate) fn reload_serve_config() -> Result<Config, ConfigError> {
         CliError::Usage(e) => ConfigError::Flags(e.to_string()),
     })?;
     match cli.command {
-        Command::Serve(settings) | Command::Check(settings) => {
+        Command::Serve(settings) | Command::Check(CheckArgs { settings, .. }) => {
             Config::from_settings(&settings, &crate::config::default_host_name())
         }
-        Command::Backend(_) | Command::Ca(_) => Err(ConfigError::Flags(
-            "this process is not `proxy serve`".into(),
-        )),
+        Command::Backend(_) | Command::Ca(_) | Command::Completions(_) | Command::Manpage(_) => {
+            Err(ConfigError::Flags(
+                "this process is not `proxy serve`".into(),
+            ))
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn serve_settings(argv: &[&str]) -> Settings {
-        match Cli::parse_with_config(argv.iter().copied())
-            .expect("valid command line")
-            .command
-        {
-            Command::Serve(settings) => settings,
-            other => panic!("not serve: {other:?}"),
+/// The settings of this process's `check` as in effect, as a TOML config file that
+/// `--config` reads back: each setting's values (as given, or its default) and, in a
+/// comment, where they came from.
+pub(crate) fn effective_check_settings() -> Result<String, CliError> {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let (_, with_file) = Cli::matches_with_config(&argv)?;
+    let (matches, file) = match with_file {
+        Some((matches, file)) => (matches, Some(file)),
+        None => (Cli::command().try_get_matches_from(&argv)?, None),
+    };
+    let Some(check) = matches.subcommand_matches("check") else {
+        return Ok(String::new());
+    };
+    let mut out = String::from(
+        "# The configuration in effect: flags over environment over file over defaults.\n",
+    );
+    let command = Cli::command();
+    let Some(check_command) = command.find_subcommand("check") else {
+        return Ok(out);
+    };
+    for arg in check_command.get_arguments() {
+        let key = arg.get_id().as_str();
+        if ["config", "print", "help", "log_format"].contains(&key) {
+            continue;
         }
+        let values: Vec<String> = check
+            .get_raw(key)
+            .map(|raw| raw.map(|v| v.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let source = match check.value_source(key) {
+            Some(clap::parser::ValueSource::CommandLine) => "flag".to_owned(),
+            Some(clap::parser::ValueSource::EnvVariable) => format!(
+                "environment {}",
+                arg.get_env()
+                    .map(|e| e.to_string_lossy())
+                    .unwrap_or_default()
+            ),
+            Some(_) if file.as_ref().is_some_and(|f| f.sets(key)) => format!(
+                "file {}",
+                file.as_ref()
+                    .map(|f| f.path().display().to_string())
+                    .unwrap_or_default()
+            ),
+            _ => "default".to_owned(),
+        };
+        let value = match values.as_slice() {
+            [] => {
+                let _ = std::fmt::Write::write_fmt(
+                    &mut out,
+                    format_args!("# {key}: not set ({source})\n"),
+                );
+                continue;
+            }
+            // A list setting stays a list, even of one.
+            [one] if !matches!(arg.get_action(), clap::ArgAction::Append) => toml_string(one),
+            many => format!(
+                "[{}]",
+                many.iter()
+                    .map(|v| toml_string(v))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let _ = std::fmt::Write::write_fmt(&mut out, format_args!("{key} = {value}  # {source}\n"));
     }
+    Ok(out)
+}
 
-    #[test]
-    fn the_config_file_sits_under_flags() {
-        let dir = std::env::temp_dir().join(format!("proxy-cli-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let file = dir.join("proxy.toml");
-        std::fs::write(
-            &file,
-            "idle_timeout = \"5s\"\nhttp_listen = \"127.0.0.1:8080\"\n",
-        )
-        .expect("write config");
-        let path = file.to_str().expect("utf-8 path");
-        // Global flags may come after the subcommand; the file still applies.
-        let settings = serve_settings(&[
-            "proxy",
-            "serve",
-            "--config",
-            path,
-            "--http-listen",
-            "127.0.0.1:81",
-            "--log-format",
-            "json",
-        ]);
-        assert_eq!(settings.idle_timeout, Duration::from_secs(5));
-        assert_eq!(settings.http_listen.port(), 81, "a flag beats the file");
-        let settings = serve_settings(&["proxy", "serve", "--config", path]);
-        assert_eq!(
-            settings.http_listen.port(),
-            8080,
-            "the file beats the default"
-        );
+/// `text` as a TOML basic string.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
 
-        std::fs::write(&file, "idle_timeout = \"soon\"\n").expect("write config");
-        let err = Cli::parse_with_config(["proxy", "check", "--config", path])
-            .expect_err("a bad duration is refused");
-        let text = err.to_string();
-        assert!(
-            text.contains("idle_timeout") && text.contains(path),
-            "{text}"
-        );
-        std::fs::remove_dir_all(&dir).expect("cleanup");
+/// Writes the completion script for `shell` to stdout.
+pub(crate) fn print_completions(shell: clap_complete::Shell) -> std::io::Result<()> {
+    // Rendered first: clap_complete panics on a write error (`proxy completions bash | head`).
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "proxy", &mut script);
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
+}
+
+/// The manual pages, section 8 (a system daemon and its administration): `proxy(8)` and one
+/// per subcommand, `proxy-serve(8)`, `proxy-ca-init(8)`..., as (file name, roff).
+pub(crate) fn manpages() -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    fn render(
+        command: clap::Command,
+        name: String,
+        pages: &mut Vec<(String, Vec<u8>)>,
+    ) -> std::io::Result<()> {
+        let command = command.name(name.clone()).bin_name(name.replace('-', " "));
+        let mut roff = Vec::new();
+        clap_mangen::Man::new(command.clone())
+            .section("8")
+            .render(&mut roff)?;
+        pages.push((format!("{name}.8"), roff));
+        for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+            render(sub.clone(), format!("{name}-{}", sub.get_name()), pages)?;
+        }
+        Ok(())
     }
+    let mut pages = Vec::new();
+    render(Cli::command(), "proxy".to_owned(), &mut pages)?;
+    Ok(pages)
+}
 
-    #[test]
-    fn help_shows_each_default_once_from_its_declaration() {
-        let mut command = Cli::command();
-        let help = command
-            .find_subcommand_mut("serve")
-            .expect("serve")
-            .render_help()
-            .to_string();
-        for default in [
-            "[default: [::]:80]",
-            "[default: 10s]",
-            "[default: /var/lib/proxy]",
-            "[default: auto]",
-        ] {
-            assert!(help.contains(default), "{default} missing from:\n{help}");
+/// `proxy manpage`: `proxy(8)` to stdout, or every page into `out_dir`.
+pub(crate) fn write_manpages(out_dir: Option<&std::path::Path>) -> std::io::Result<()> {
+    let pages = manpages()?;
+    match out_dir {
+        None => {
+            let roff = pages
+                .first()
+                .map(|(_, roff)| roff.as_slice())
+                .unwrap_or_default();
+            std::io::Write::write_all(&mut std::io::stdout().lock(), roff)
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            for (name, roff) in pages {
+                std::fs::write(dir.join(name), roff)?;
+            }
+            Ok(())
         }
     }
 }

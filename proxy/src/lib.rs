@@ -68,7 +68,22 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             let config = config::Config::from_settings(&settings, &config::default_host_name())?;
             lifecycle::serve::run(config, Arc::new(cli::reload_serve_config)).await?;
         }
-        cli::Command::Check(settings) => commands::check(&settings)?,
+        cli::Command::Check(args) => {
+            // The configuration first: it shows what a failing check was given.
+            if args.print {
+                let effective = cli::effective_check_settings()
+                    .map_err(|e| ConfigError::Flags(e.to_string()))?;
+                drop(std::io::Write::write_all(
+                    &mut std::io::stdout().lock(),
+                    effective.as_bytes(),
+                ));
+            }
+            commands::check(&args.settings)?;
+        }
+        // A closed stdout (`proxy completions bash | head`) is not worth reporting.
+        cli::Command::Completions(args) => drop(cli::print_completions(args.shell)),
+        cli::Command::Manpage(args) => cli::write_manpages(args.out_dir.as_deref())
+            .map_err(|e| ConfigError::Flags(format!("writing the manual pages: {e}")))?,
         cli::Command::Backend(args) => lifecycle::backend::run(args.listen).await?,
         cli::Command::Ca(command) => commands::ca(command)?,
     }

@@ -384,3 +384,127 @@ fn debug_lines_name_the_connection_and_access_lines_do_not_change() {
         );
     }
 }
+
+/// `proxy check --print` shows every setting in effect and where it came from, as a config
+/// file that `--config` reads back to the same configuration.
+#[test]
+fn check_print_shows_each_setting_and_its_source_and_reads_back() {
+    let dir = scratch_dir("check-print");
+    let file = dir.path().join("proxy.toml");
+    std::fs::write(
+        &file,
+        "idle_timeout = \"5s\"\nupstream = [\"http://127.0.0.1:8080\", \"http://127.0.0.1:8081\"]\n",
+    )
+    .expect("config file");
+    let state = dir.path().join("state");
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(proxy_bin());
+        cmd.arg("check").args(args).arg("--print");
+        cmd.env_remove("PROXY_HSTS_MAX_AGE")
+            .envs(env.iter().copied());
+        let out = run_with_timeout(cmd, Duration::from_secs(30));
+        assert!(out.status.success(), "check --print: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let printed = run(
+        &[
+            "--config",
+            path_str(&file),
+            "--https-listen",
+            "127.0.0.1:8443",
+            "--state-dir",
+            path_str(&state),
+        ],
+        &[("PROXY_HSTS_MAX_AGE", "60")],
+    );
+    let file_source = format!("# file {}", file.display());
+    for (line, source) in [
+        ("https_listen = \"127.0.0.1:8443\"", "# flag"),
+        ("hsts_max_age = \"60\"", "# environment PROXY_HSTS_MAX_AGE"),
+        ("idle_timeout = \"5s\"", file_source.as_str()),
+        (
+            "upstream = [\"http://127.0.0.1:8080\", \"http://127.0.0.1:8081\"]",
+            file_source.as_str(),
+        ),
+        ("http_listen = \"[::]:80\"", "# default"),
+    ] {
+        assert!(
+            printed
+                .lines()
+                .any(|l| l.starts_with(line) && l.ends_with(source)),
+            "no `{line}  {source}` in:\n{printed}"
+        );
+    }
+    assert!(printed.contains("configuration ok"), "{printed}");
+
+    // The printed settings, as a file of their own, give the same configuration.
+    let settings: String = printed
+        .lines()
+        .take_while(|l| !l.starts_with("configuration ok"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let again = dir.path().join("effective.toml");
+    std::fs::write(&again, &settings).expect("effective config");
+    let reread = run(&["--config", path_str(&again)], &[]);
+    let values = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(" = "))
+            .map(|l| l.split("  #").next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(values(&reread), values(&printed), "read back:\n{reread}");
+}
+
+/// Completion scripts for the common shells, and one manual page per command that `man`
+/// renders without a warning.
+#[test]
+fn completions_and_manual_pages_come_from_the_command_definitions() {
+    let bash = proxy_cmd_ok(&["completions", "bash"]);
+    let script = String::from_utf8_lossy(&bash.stdout).into_owned();
+    assert!(
+        script.contains("_proxy()") && script.contains("--upstream"),
+        "{script}"
+    );
+    let dir = scratch_dir("completions");
+    let path = dir.path().join("proxy.bash");
+    std::fs::write(&path, &script).expect("script");
+    let mut syntax = std::process::Command::new("bash");
+    syntax.arg("-n").arg(&path);
+    let out = run_with_timeout(syntax, Duration::from_secs(10));
+    assert!(out.status.success(), "bash -n: {}", text(&out));
+    for shell in ["zsh", "fish"] {
+        let out = proxy_cmd_ok(&["completions", shell]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("upstream"),
+            "{shell} completions"
+        );
+    }
+
+    let pages = dir.path().join("man");
+    proxy_cmd_ok(&["manpage", "--out-dir", path_str(&pages)]);
+    for page in [
+        "proxy.8",
+        "proxy-serve.8",
+        "proxy-check.8",
+        "proxy-ca-export.8",
+    ] {
+        let path = pages.join(page);
+        assert!(path.is_file(), "no {page}");
+        // groff reports what it cannot render (-ww: every warning); `man -l` would page.
+        let mut groff = std::process::Command::new("groff");
+        groff.args(["-man", "-Tutf8", "-ww", "-z"]).arg(&path);
+        let out = run_with_timeout(groff, Duration::from_secs(10));
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "groff on {page}: {}",
+            text(&out)
+        );
+    }
+    let serve = std::fs::read_to_string(pages.join("proxy-serve.8")).expect("proxy-serve.8");
+    for flag in ["upstream", "max\\-connections", "PROXY_HTTPS_LISTEN"] {
+        assert!(
+            serve.contains(flag),
+            "proxy-serve.8 does not document {flag}"
+        );
+    }
+}

@@ -255,6 +255,17 @@ fn kubernetes_base_is_valid_and_generated_from_monitoring() {
             .any(|(path, _)| root().join(path) == *source)),
         "monitoring/grafana/dashboards holds a dashboard the mixin does not render"
     );
+    // The image follows the version of the proxy it runs, never a moving `latest`.
+    let deployment = std::fs::read_to_string(dir.join("deployment.yaml")).expect("deployment.yaml");
+    let images: Vec<&str> = deployment
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    let version = workspace_version();
+    assert!(
+        !images.is_empty() && images.iter().all(|i| *i == format!("proxy:{version}")),
+        "deployment.yaml images {images:?} are not proxy:{version}"
+    );
     // The kustomization lists exactly the dashboards of monitoring/, and every resource exists.
     let kustomization =
         std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization.yaml");
@@ -511,4 +522,19 @@ fn pip_tool_present(test: &str, program: &str, package: &str) -> bool {
         }
     }
     require_tool(test, program, &format!("pip install {package}"))
+}
+
+/// The workspace's version (`[workspace.package]` of the root Cargo.toml).
+fn workspace_version() -> String {
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).expect("Cargo.toml");
+    manifest
+        .split("[workspace.package]")
+        .nth(1)
+        .and_then(|section| {
+            section
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("version = "))
+        })
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("a workspace version")
 }

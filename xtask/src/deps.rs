@@ -24,6 +24,7 @@ pub(crate) const PACKAGES: &[&str] = &[
     "shellcheck", // provisioning and helper scripts of vagrant/ and deploy/
     "slowhttptest", // 1000 slowloris connections against the proxy (tests/tests/hostile.rs)
     "testssl.sh", // `testssl`: the soak's TLS scan, HIGH/CRITICAL findings fail it
+    "groff-base", // `groff`: the manual pages render without a warning
 ];
 
 /// Makes sure every package of [`PACKAGES`] is installed, installing what is missing when this

@@ -36,8 +36,10 @@ pub(crate) fn run(opts: Options) -> Result<Infallible> {
         release,
         serve_args,
     } = opts;
-    // Kernel metrics need the eBPF program; without a BPF toolchain the proxy still serves.
-    if let Err(e) = crate::ebpf::build() {
+    // Kernel metrics need the eBPF program: on Debian as root the toolchain is installed as
+    // `cargo xtask test` installs it; without one the proxy still serves, and says so.
+    let toolchain = crate::ebpf::ensure_tracefs().and_then(|()| crate::ebpf::ensure_toolchain());
+    if let Err(e) = toolchain.and_then(|()| crate::ebpf::build().map(drop)) {
         println!("warning: serving without kernel metrics: {e:#}");
     }
     let mut build = workspace::cargo();

@@ -57,6 +57,16 @@ impl ConfigFile {
         })
     }
 
+    /// Whether the file sets `key`.
+    pub(crate) fn sets(&self, key: &str) -> bool {
+        self.values.iter().any(|(k, _)| k == key)
+    }
+
+    /// The file's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Fails on a key that names none of `command`'s settings (`config` itself included: a
     /// file cannot name another file).
     pub(crate) fn check_keys(&self, command: &Command) -> Result<(), ConfigError> {
