@@ -47,9 +47,13 @@ impl Family {
         }
     }
 
-    /// The tool that rebuilds the bundles from the anchors, and its arguments.
-    fn refresh(self) -> (&'static str, &'static [&'static str]) {
+    /// The tool that rebuilds the bundles from the anchors, and its arguments after an
+    /// anchor was added, or removed.
+    fn refresh(self, removed: bool) -> (&'static str, &'static [&'static str]) {
         match self {
+            // A deleted anchor is no removal to Debian's tool unless it starts afresh: without
+            // --fresh its links stay in /etc/ssl/certs and its hooks (Java's keystore) keep it.
+            Family::Debian if removed => ("update-ca-certificates", &["--fresh"]),
             Family::Debian => ("update-ca-certificates", &[]),
             Family::Fedora => ("update-ca-trust", &["extract"]),
             // What `trust anchor --store` runs after writing its own file; a file of ours
@@ -86,7 +90,7 @@ impl SystemStore {
 
     /// `Debian (update-ca-certificates)`, for messages.
     pub(super) fn describe(&self) -> String {
-        format!("{} ({})", self.family.name(), self.family.refresh().0)
+        format!("{} ({})", self.family.name(), self.family.refresh(false).0)
     }
 
     /// The anchor file of the CA called `name`.
@@ -109,7 +113,7 @@ impl SystemStore {
             state_dir::write_all_atomic(&[(&path, pem.as_bytes(), CERT_MODE)])?;
         }
         // Even when the file was there: an earlier run may have stopped before the rebuild.
-        self.refresh()?;
+        self.refresh(false)?;
         Ok(already)
     }
 
@@ -127,12 +131,12 @@ impl SystemStore {
                 });
             }
         }
-        self.refresh()?;
+        self.refresh(true)?;
         Ok(true)
     }
 
-    fn refresh(&self) -> Result<(), TrustError> {
-        tool::run_ok(&self.tool, self.family.refresh().1, None)
+    fn refresh(&self, removed: bool) -> Result<(), TrustError> {
+        tool::run_ok(&self.tool, self.family.refresh(removed).1, None)
     }
 }
 
@@ -155,7 +159,7 @@ pub(super) fn detect(
         .chain(id_like.split_whitespace())
         .find_map(|id| Family::ALL.into_iter().find(|f| f.ids().contains(&id)));
     if let Some(family) = named {
-        let program = family.refresh().0;
+        let program = family.refresh(false).0;
         return match find(program) {
             Some(tool) => Ok(SystemStore { family, tool }),
             None => Err(TrustError::ToolMissing {
@@ -167,12 +171,12 @@ pub(super) fn detect(
     }
     if let Some((family, tool)) = Family::ALL
         .into_iter()
-        .find_map(|family| Some((family, find(family.refresh().0)?)))
+        .find_map(|family| Some((family, find(family.refresh(false).0)?)))
     {
         return Ok(SystemStore { family, tool });
     }
     let known: Vec<&str> = Family::ALL.iter().flat_map(|f| f.ids()).copied().collect();
-    let tools: Vec<&str> = Family::ALL.iter().map(|f| f.refresh().0).collect();
+    let tools: Vec<&str> = Family::ALL.iter().map(|f| f.refresh(false).0).collect();
     let said = match os_release {
         None => "no /etc/os-release".to_owned(),
         Some(_) => format!("/etc/os-release says ID={id:?} ID_LIKE={id_like:?}"),
