@@ -541,3 +541,44 @@ fn expect_success(out: &Output, what: &str) -> String {
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+#[test]
+fn without_root_the_system_store_is_refused_before_anything_changes() {
+    let Some(env) = TestEnv::new("ca-trust-not-root") else {
+        return;
+    };
+    let state = env.path("state");
+    proxy_cmd_ok(&["ca", "init", "--state-dir", path_str(&state)]);
+    // A certificate a user could have downloaded from /ca.pem, readable by nobody.
+    let cert = env.path("ca.pem");
+    std::fs::copy(state.join("ca.pem"), &cert).expect("copy ca.pem");
+    let mode = |path: &Path, mode| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    mode(env.dir.path(), 0o711);
+    mode(&cert, 0o644);
+    let store = TrustStoreCopy::start(&env, "");
+    let before = snapshot(&seen_by(store.holder.pid(), Path::new("/")));
+    let mut cmd = store.command(Path::new("/nonexistent"), "setpriv");
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(proxy_bin())
+        .args(["ca", "trust", "--cert", path_str(&cert)]);
+    let out = run_with_timeout(cmd, Duration::from_secs(30));
+    let said = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "trust as nobody succeeded: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        said.contains("changing the system trust store needs root: run `sudo ")
+            && said.contains("--no-system"),
+        "{said}"
+    );
+    assert_same(
+        &before,
+        &snapshot(&seen_by(store.holder.pid(), Path::new("/"))),
+        "after a trust without root, the trust store in the namespace",
+    );
+}
