@@ -5,7 +5,7 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
@@ -85,15 +85,46 @@ pub(crate) enum CaCommand {
     Init(CaInitArgs),
     /// Print the CA certificate and its SHA-256 fingerprint, to install it as trusted.
     Export(CaStateArgs),
+    /// Install the CA certificate as trusted on this machine: the system trust store
+    /// (Debian/Ubuntu, Fedora/RHEL, Arch) and the NSS databases of Firefox and Chromium.
+    Trust(CaTrustArgs),
+    /// Remove exactly what `proxy ca trust` installed for this CA.
+    Untrust(CaTrustArgs),
     /// Issue a leaf from the local CA into files (bring-your-own material for an instance).
     Issue(CaIssueArgs),
 }
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct CaStateArgs {
-    /// Directory holding the CA.
+    /// State directory of the proxy; holds the CA unless --ca-dir names another.
     #[arg(long, env = "PROXY_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub(crate) state_dir: PathBuf,
+    /// Directory holding the shared CA's ca.pem and ca.key [default: the state directory].
+    #[arg(long, env = "PROXY_CA_DIR")]
+    pub(crate) ca_dir: Option<PathBuf>,
+}
+
+impl CaStateArgs {
+    /// Where the CA is: the same rule as `serve` (`--ca-dir`, else the state directory).
+    pub(crate) fn ca_dir(&self) -> &Path {
+        self.ca_dir.as_deref().unwrap_or(&self.state_dir)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct CaTrustArgs {
+    #[command(flatten)]
+    pub(crate) state: CaStateArgs,
+    /// A PEM CA certificate to use instead of the CA directory's (e.g. one downloaded from
+    /// the admin listener's /ca.pem).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) cert: Option<PathBuf>,
+    /// Leave the system trust store alone (it needs root; the NSS databases do not).
+    #[arg(long)]
+    pub(crate) no_system: bool,
+    /// Leave the NSS databases of Firefox and Chromium under $HOME alone.
+    #[arg(long)]
+    pub(crate) no_nss: bool,
 }
 
 #[derive(Debug, Clone, Args)]

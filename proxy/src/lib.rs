@@ -7,6 +7,7 @@
 //!
 //! - `cli`, `commands`: the command line and the one-shot subcommands;
 //! - `lifecycle`: `proxy serve` from start-up to drain, listeners, handover, signals;
+//!   `trust`: installing the CA certificate into this machine's trust stores;
 //! - `http`: connections, deadlines, requests, redirect, upstream;
 //! - `tls`: the local CA, certificates, their renewal and the resolver;
 //! - `telemetry`: metrics and their labels, the admin listener, logging;
@@ -26,6 +27,7 @@ mod lifecycle;
 mod names;
 mod telemetry;
 mod tls;
+mod trust;
 
 use std::sync::Arc;
 
@@ -42,6 +44,7 @@ pub use tls::ca::CaError;
 pub use tls::cert_info::CertParseError;
 pub use tls::certificates::{CertError, check_untrusted_certificate};
 pub use tls::state_dir::WriteError;
+pub use trust::TrustError;
 
 /// Any error a subcommand ends with.
 #[derive(Debug, thiserror::Error)]

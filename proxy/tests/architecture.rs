@@ -15,7 +15,8 @@ const LAYERS: &[&[&str]] = &[
     // The one-shot subcommands run what the command line parsed.
     &["commands"],
     &["cli"],
-    &["lifecycle"],
+    // Serving, and installing the CA on this machine: neither uses the other.
+    &["lifecycle", "trust"],
     &["http"],
     &["tls"],
     &["telemetry"],

@@ -10,13 +10,15 @@ use crate::{exec::exec, privilege};
 
 /// Debian packages the tests use. Later work appends here (prometheus, bpftool...).
 pub(crate) const PACKAGES: &[&str] = &[
-    "iproute2",   // `ip netns`, `ss`: private network namespaces for end-to-end tests
-    "openssl",    // `openssl s_client`/`x509`: checking certificates as a client would
-    "curl",       // a real HTTP client against the running proxy
-    "procps",     // `ps`, `pgrep`, `free`: processes and the machine
-    "util-linux", // `nsenter`, `setpriv`: run the proxy in a namespace, drop its privileges
-    "nftables",   // `nft`: drop handshake packets to test what the kernel metrics show
-    "systemd",    // `systemd-socket-activate`: listening sockets created by another process
+    "iproute2",        // `ip netns`, `ss`: private network namespaces for end-to-end tests
+    "openssl",         // `openssl s_client`/`x509`: checking certificates as a client would
+    "curl",            // a real HTTP client against the running proxy
+    "ca-certificates", // `update-ca-certificates`: `proxy ca trust` against the real store
+    "libnss3-tools",   // `certutil`: `proxy ca trust` into NSS databases
+    "procps",          // `ps`, `pgrep`, `free`: processes and the machine
+    "util-linux",      // `nsenter`, `setpriv`: run the proxy in a namespace, drop its privileges
+    "nftables",        // `nft`: drop handshake packets to test what the kernel metrics show
+    "systemd",         // `systemd-socket-activate`: listening sockets created by another process
     "prometheus", // `prometheus`, `promtool`: rules checked, unit-tested and run against the proxy
     "prometheus-alertmanager", // `prometheus-alertmanager`, `amtool`: routing checked and run
     "yamllint",   // every YAML file of monitoring/

@@ -81,7 +81,7 @@ pub(crate) fn run(opts: Options) -> Result<Infallible> {
     println!("    fingerprint and PEM: {bin_s} ca export --state-dir {state}");
     println!("    trust it for curl:   curl --cacert {ca} https://localhost/");
     println!(
-        "    trust it on Debian:  cp {ca} /usr/local/share/ca-certificates/proxy-ca.crt && update-ca-certificates"
+        "    trust it here:       sudo {bin_s} ca trust --state-dir {state}   (undo: ca untrust)"
     );
     println!("$ {}", exec::display(&serve));
     // exec: the proxy takes over this process, so Ctrl-C and SIGTERM reach it directly.

@@ -28,7 +28,7 @@ pub(crate) struct Settings {
     /// Address of the HTTPS listener.
     #[arg(long, env = "PROXY_HTTPS_LISTEN", default_value = "[::]:443")]
     pub(crate) https_listen: SocketAddr,
-    /// Address of the admin listener (/metrics, /healthz, /readyz).
+    /// Address of the admin listener (/metrics, /healthz, /readyz, /ca.pem).
     #[arg(long, env = "PROXY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub(crate) admin_listen: SocketAddr,
     /// HTTPS port written into redirects, when a port forward makes it differ from the

@@ -160,14 +160,29 @@ pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError
         None => None,
     };
     warn_if_too_few_descriptors(&config);
-    let server = Server::new(&config, metrics.clone(), certs, kernel, upstream.clone())?;
+    let server = Server::new(
+        &config,
+        metrics.clone(),
+        certs.clone(),
+        kernel,
+        upstream.clone(),
+    )?;
     let ready = Arc::new(AtomicBool::new(false));
     // Shared with a successor on SIGUSR2; dropped here at shutdown so the ports close.
     let listeners = [Arc::new(http), Arc::new(https), Arc::new(admin_listener)];
     let [http, https, admin_listener] = listeners.clone();
     let accept_http = tokio::spawn(server.clone().accept_loop(http, Listener::Http));
     let accept_https = tokio::spawn(server.clone().accept_loop(https, Listener::Https));
-    let admin = tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
+    let ca_pem: admin::CaPem = {
+        let certs = certs.clone();
+        Arc::new(move || certs.current().ca_pem.clone())
+    };
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        metrics.clone(),
+        ready.clone(),
+        ca_pem,
+    ));
     tokio::spawn({
         let manager = manager.clone();
         let shutdown = server.shutdown.clone();

@@ -1,5 +1,6 @@
 //! The admin listener (loopback by default): `/metrics` in Prometheus text format,
-//! `/healthz` (the process answers) and `/readyz` (serving; 503 while draining).
+//! `/healthz` (the process answers), `/readyz` (serving; 503 while draining) and `/ca.pem`
+//! (the local CA's certificate, never its key, as served now: it follows a reload).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,8 +18,17 @@ use tokio::net::TcpListener;
 
 use crate::telemetry::metrics::Metrics;
 
+/// What `/ca.pem` serves: the certificate of the local CA that issued the leaf being served,
+/// or `None` when the operator brought their own certificate.
+pub(crate) type CaPem = Arc<dyn Fn() -> Option<Arc<str>> + Send + Sync>;
+
 /// Serves the admin endpoints on `listener` until the process exits.
-pub(crate) async fn serve(listener: Arc<TcpListener>, metrics: Metrics, ready: Arc<AtomicBool>) {
+pub(crate) async fn serve(
+    listener: Arc<TcpListener>,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    ca_pem: CaPem,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -30,9 +40,10 @@ pub(crate) async fn serve(listener: Arc<TcpListener>, metrics: Metrics, ready: A
         };
         let metrics = metrics.clone();
         let ready = ready.clone();
+        let ca_pem = ca_pem.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let response = route(&request, &metrics, &ready);
+                let response = route(&request, &metrics, &ready, &ca_pem);
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -48,6 +59,7 @@ fn route(
     request: &Request<Incoming>,
     metrics: &Metrics,
     ready: &AtomicBool,
+    ca_pem: &CaPem,
 ) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
@@ -61,6 +73,20 @@ fn route(
             );
             response
         }
+        "/ca.pem" => match ca_pem() {
+            Some(pem) => {
+                let mut response = Response::new(Full::new(Bytes::from(pem.as_bytes().to_vec())));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-pem-file"),
+                );
+                response
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no local CA: the certificate served is the operator's own\n",
+            ),
+        },
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),

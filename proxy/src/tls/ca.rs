@@ -36,6 +36,11 @@ pub enum CaError {
     /// No CA exists in the state directory.
     #[error("no CA in {0} (create one with `proxy ca init --state-dir {0}`)")]
     Missing(PathBuf),
+    /// The directory named for the CA holds no CA certificate (export and trust only read it).
+    #[error(
+        "no CA certificate in {0} (`proxy serve` or `proxy ca init` creates one; a CA kept elsewhere is named with --ca-dir or PROXY_CA_DIR)"
+    )]
+    NoCertificate(PathBuf),
     /// `ca init` found a CA and was not told to replace it.
     #[error(
         "a CA already exists in {0}; pass --force to replace it (leaves it issued stop being trusted)"
@@ -80,20 +85,87 @@ pub(crate) struct IssuedLeaf {
     pub(crate) key_pem: String,
 }
 
+/// A CA certificate alone, without its key: what clients install as trusted.
+#[derive(Debug, Clone)]
+pub(crate) struct CaCertificate {
+    pem: String,
+    der: CertificateDer<'static>,
+    info: CertInfo,
+}
+
+impl CaCertificate {
+    /// Reads `ca.pem` of `dir`; the key is neither needed nor read.
+    pub(crate) fn read(dir: &Path) -> Result<Self, CaError> {
+        let path = LocalCa::cert_path(dir);
+        match std::fs::read_to_string(&path) {
+            Ok(pem) => Self::from_pem(dir, pem),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(CaError::NoCertificate(dir.to_owned()))
+            }
+            Err(source) => Err(CaError::Io {
+                action: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Reads a PEM CA certificate from `path` (one downloaded from the admin listener).
+    pub(crate) fn read_file(path: &Path) -> Result<Self, CaError> {
+        let pem = std::fs::read_to_string(path).map_err(io_err("read", path))?;
+        Self::from_pem(path, pem)
+    }
+
+    /// Parses the first certificate of `pem`, which must be a CA; `origin` names it in errors.
+    fn from_pem(origin: &Path, pem: String) -> Result<Self, CaError> {
+        let invalid = |reason: String| CaError::Invalid {
+            path: origin.to_owned(),
+            reason,
+        };
+        let der = rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+            .map(|der: CertificateDer<'_>| der.into_owned())
+            .map_err(|e| invalid(format!("ca.pem: {e}")))?;
+        let info = CertInfo::from_der(&der)?;
+        if !info.is_ca {
+            return Err(invalid("ca.pem is not a CA certificate".into()));
+        }
+        Ok(CaCertificate { pem, der, info })
+    }
+
+    /// The certificate in PEM, as read.
+    pub(crate) fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// The certificate in DER.
+    pub(crate) fn der(&self) -> &CertificateDer<'static> {
+        &self.der
+    }
+
+    /// Facts about the certificate.
+    pub(crate) fn info(&self) -> &CertInfo {
+        &self.info
+    }
+
+    /// SHA-256 fingerprint as colon-separated uppercase hex, the form browsers and
+    /// `openssl x509 -fingerprint` show.
+    pub(crate) fn fingerprint_sha256(&self) -> String {
+        sha256_fingerprint(&self.der)
+    }
+}
+
 /// The local CA, loaded with its key.
 pub(crate) struct LocalCa {
     dir: PathBuf,
-    cert_pem: String,
-    cert_der: CertificateDer<'static>,
+    cert: CaCertificate,
     key: KeyPair,
-    info: CertInfo,
 }
 
 impl std::fmt::Debug for LocalCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalCa")
             .field("dir", &self.dir)
-            .field("serial", &self.info.serial)
+            .field("serial", &self.cert.info.serial)
             .finish_non_exhaustive()
     }
 }
@@ -161,30 +233,21 @@ impl LocalCa {
             }
             return Err(CaError::Missing(dir.to_owned()));
         }
-        let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err("read", &cert_path))?;
+        let cert = CaCertificate::read(dir)?;
         let key_pem = std::fs::read_to_string(Self::key_path(dir))
             .map_err(io_err("read", &Self::key_path(dir)))?;
         let invalid = |reason: String| CaError::Invalid {
             path: dir.to_owned(),
             reason,
         };
-        let cert_der = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
-            .map(|der: CertificateDer<'_>| der.into_owned())
-            .map_err(|e| invalid(format!("ca.pem: {e}")))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| invalid(format!("ca.key: {e}")))?;
-        let info = CertInfo::from_der(&cert_der)?;
-        if !info.is_ca {
-            return Err(invalid("ca.pem is not a CA certificate".into()));
-        }
-        if info.public_key_raw != key.public_key_raw() {
+        if cert.info.public_key_raw != key.public_key_raw() {
             return Err(invalid("ca.key does not belong to ca.pem".into()));
         }
         Ok(LocalCa {
             dir: dir.to_owned(),
-            cert_pem,
-            cert_der,
+            cert,
             key,
-            info,
         })
     }
 
@@ -208,18 +271,19 @@ impl LocalCa {
         names: &[ServedName],
         lifetime: Duration,
     ) -> Result<IssuedLeaf, CaError> {
-        if let Some(constraints) = &self.info.constraints
+        let ca_info = &self.cert.info;
+        if let Some(constraints) = &ca_info.constraints
             && let Some(name) = names.iter().find(|name| !constraints.permits(name))
         {
             return Err(CaError::NotPermitted { name: name.clone() });
         }
         let now = SystemTime::now();
         let not_after = now + lifetime;
-        let ca_end = humantime::format_rfc3339_seconds(self.info.not_after).to_string();
-        if now >= self.info.not_after {
+        let ca_end = humantime::format_rfc3339_seconds(ca_info.not_after).to_string();
+        if now >= ca_info.not_after {
             return Err(CaError::Expired(ca_end));
         }
-        if not_after > self.info.not_after {
+        if not_after > ca_info.not_after {
             return Err(CaError::Expiring(ca_end));
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
@@ -241,7 +305,7 @@ impl LocalCa {
         // Backdate a little for clients whose clocks lag, but never by much of a short lifetime.
         params.not_before = (now - (lifetime / 10).min(Duration::from_secs(300))).into();
         params.not_after = not_after.into();
-        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        let issuer = Issuer::from_ca_cert_der(&self.cert.der, &self.key)?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok(IssuedLeaf {
             cert_pem: cert.pem(),
@@ -251,23 +315,22 @@ impl LocalCa {
 
     /// The CA certificate in PEM.
     pub(crate) fn cert_pem(&self) -> &str {
-        &self.cert_pem
+        self.cert.pem()
     }
 
     /// The CA certificate in DER.
     pub(crate) fn cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
+        self.cert.der()
     }
 
     /// Facts about the CA certificate.
     pub(crate) fn info(&self) -> &CertInfo {
-        &self.info
+        self.cert.info()
     }
 
-    /// SHA-256 fingerprint of the CA certificate as colon-separated uppercase hex, the form
-    /// browsers and `openssl x509 -fingerprint` show.
+    /// SHA-256 fingerprint of the CA certificate (see [`CaCertificate::fingerprint_sha256`]).
     pub(crate) fn fingerprint_sha256(&self) -> String {
-        sha256_fingerprint(&self.cert_der)
+        self.cert.fingerprint_sha256()
     }
 }
 

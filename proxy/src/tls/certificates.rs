@@ -80,6 +80,10 @@ pub(crate) struct ServingCert {
     /// The issuing CA, when known (always for the local CA; the last chain element for
     /// bring-your-own chains that include it).
     pub(crate) ca: Option<CertInfo>,
+    /// The local CA's certificate in PEM, for the admin listener's `/ca.pem`; `None` for
+    /// bring-your-own material, whose last chain element need not be a root anyone should
+    /// install.
+    pub(crate) ca_pem: Option<Arc<str>>,
     /// When this material should be replaced by a renewal; `None` when the operator owns it.
     pub(crate) renew_at: Option<SystemTime>,
     /// False when a newly issued leaf could not be written to the state directory (read-only
@@ -305,6 +309,7 @@ fn build(
         certified_key: Arc::new(certified_key),
         leaf,
         ca: ca.map(|ca| ca.info().clone()),
+        ca_pem: ca.map(|ca| Arc::from(ca.cert_pem())),
         renew_at: None,
         persisted: true,
     })
