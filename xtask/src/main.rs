@@ -2,6 +2,7 @@
 //! command run through [`exec::exec`]. See `cargo xtask --help`.
 
 mod bench;
+mod client;
 mod deps;
 mod ebpf;
 mod exec;
