@@ -77,7 +77,6 @@ pub(crate) fn container_test(opts: Options) -> ExitCode {
     let rootfs = RefCell::new(PathBuf::new());
     let base = RefCell::new(String::new());
     let fingerprint = RefCell::new(String::new());
-    let ns: RefCell<Option<NetNs>> = RefCell::new(None);
     let seccomp = match run::seccomp_profile(&work) {
         Ok(profile) => profile,
         Err(e) => {
@@ -111,23 +110,21 @@ pub(crate) fn container_test(opts: Options) -> ExitCode {
             );
             Ok(())
         }),
+        // A namespace per run: podman's bridge and port forwards start afresh, whatever
+        // the previous container's network teardown left.
         Phase::new("first run", || {
             run::remove_volume(&site.volume);
-            let created = NetNs::create("proxy-ctest")?;
-            let found = first_run(&created, &site, &work);
-            *ns.borrow_mut() = Some(created);
-            *fingerprint.borrow_mut() = found?;
+            let ns = NetNs::create("proxy-ctest")?;
+            *fingerprint.borrow_mut() = first_run(&ns, &site, &work)?;
             Ok(())
         }),
         Phase::new("second run: same CA, drain", || {
-            let ns = ns.borrow();
-            let ns = ns.as_ref().context("no namespace")?;
-            second_run(ns, &site, &work, &fingerprint.borrow())
+            let ns = NetNs::create("proxy-ctest")?;
+            second_run(&ns, &site, &work, &fingerprint.borrow())
         }),
     ];
     let passed = phase::run_all(phases);
     run::remove_volume(&site.volume);
-    drop(ns.into_inner());
     if passed {
         ExitCode::SUCCESS
     } else {
