@@ -188,7 +188,8 @@ pub(super) fn inspect() -> Result<u64> {
             .arg("-c")
             .arg(format!("podman --runtime runc export {container} | tar -t")),
     );
-    let _ = podman().args(["rm", container]).output();
+    // `-v`: the VOLUME the image declares got an anonymous volume at create.
+    let _ = podman().args(["rm", "-v", container]).output();
     let files: Vec<String> = listing?
         .lines()
         .map(|l| format!("/{}", l.trim_start_matches("./")))
