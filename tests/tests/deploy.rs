@@ -1,7 +1,8 @@
 //! The deployment shapes, checked with the real tools (no VM, no cluster, no container
 //! engine): `vagrant validate` on the Vagrantfile, shellcheck on every script,
 //! `systemd-analyze verify` and `security` on the shipped units, hadolint on the
-//! Containerfile, kubernetes-validate (and `kubectl kustomize` where kubectl exists) on the
+//! Containerfiles (and `Containerfile.prebuilt`'s stage against the Containerfile's last one,
+//! since `cargo xtask container-test` runs the former), kubernetes-validate (and `kubectl kustomize` where kubectl exists) on the
 //! Kubernetes base, and every generated monitoring file (monitoring/ and the Kubernetes copies)
 //! against what `mixin/templates/` renders now (`cargo xtask mixin` rewrites them).
 //!
@@ -231,9 +232,45 @@ fn containerfile_passes_hadolint() {
         return;
     }
     let mut cmd = Command::new("hadolint");
-    cmd.arg("deploy/container/Containerfile")
-        .current_dir(root());
+    cmd.args([
+        "deploy/container/Containerfile",
+        "deploy/container/Containerfile.prebuilt",
+    ])
+    .current_dir(root());
     assert_ok(&run_with_timeout(cmd, Duration::from_secs(60)), "hadolint");
+}
+
+#[test]
+fn prebuilt_containerfile_builds_the_shipped_final_stage() {
+    // `cargo xtask container-test` builds and runs Containerfile.prebuilt (no registry there):
+    // what it verifies holds for the shipped image only while the last stages agree.
+    let shipped = final_stage(&read("deploy/container/Containerfile"));
+    let prebuilt_text = read("deploy/container/Containerfile.prebuilt");
+    let prebuilt = final_stage(&prebuilt_text);
+    let base = shipped[0]
+        .strip_prefix("FROM ")
+        .expect("the shipped last stage starts with FROM");
+    assert!(
+        prebuilt_text
+            .lines()
+            .any(|l| l == format!("ARG BASE={base}")),
+        "Containerfile.prebuilt's default BASE is not {base}"
+    );
+    assert_eq!(prebuilt[0], "FROM ${BASE}");
+    // The binary lands in the same place from either source.
+    let copied = |stage: &[String]| -> Vec<String> {
+        stage[1..]
+            .iter()
+            .map(|i| match i.strip_prefix("COPY ") {
+                Some(args) => format!("COPY -> {}", args.split_whitespace().last().unwrap_or("")),
+                None => i.clone(),
+            })
+            .collect()
+    };
+    assert_eq!(copied(&shipped), copied(&prebuilt));
+    for instruction in ["USER 0:0", "ENTRYPOINT [\"/usr/local/bin/proxy\"]"] {
+        assert!(shipped.iter().any(|i| i == instruction), "{instruction}");
+    }
 }
 
 #[test]
@@ -443,6 +480,34 @@ fn list_items(yaml: &str) -> Vec<String> {
 }
 
 /// The repository root.
+fn read(relative: &str) -> String {
+    std::fs::read_to_string(root().join(relative)).unwrap_or_else(|e| panic!("{relative}: {e}"))
+}
+
+/// The instructions of a Containerfile's last stage, from its `FROM`: continuation lines
+/// joined, comments and blank lines left out, whitespace runs made one space.
+fn final_stage(containerfile: &str) -> Vec<String> {
+    let mut instructions: Vec<String> = Vec::new();
+    let mut pending = String::new();
+    for line in containerfile.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        pending.push_str(line.trim_end_matches('\\'));
+        pending.push(' ');
+        if !line.ends_with('\\') {
+            instructions.push(pending.split_whitespace().collect::<Vec<_>>().join(" "));
+            pending.clear();
+        }
+    }
+    let last_from = instructions
+        .iter()
+        .rposition(|i| i.starts_with("FROM "))
+        .expect("a FROM instruction");
+    instructions.split_off(last_from)
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

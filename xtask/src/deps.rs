@@ -55,6 +55,16 @@ pub(crate) fn ensure() -> Result<()> {
     apt_install(&missing)
 }
 
+/// Installs those of `packages` that dpkg does not report as installed.
+pub(crate) fn apt_install_missing(packages: &[&str]) -> Result<()> {
+    let missing = missing(packages)?;
+    if missing.is_empty() {
+        println!("host packages present: {}", packages.join(" "));
+        return Ok(());
+    }
+    apt_install(&missing)
+}
+
 /// `apt-get update` then `apt-get install` of `packages`, checking they are installed after.
 pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
     exec(apt_get().arg("update"))?;
@@ -91,6 +101,52 @@ fn is_installed(status: &str) -> bool {
     status.split_whitespace().last() == Some("installed")
 }
 
+/// The host's apt sources for Debian 12 (`bookworm`, `bookworm-updates`,
+/// `bookworm-security`; not backports), as one-line `deb URI SUITE COMPONENTS` entries, from
+/// `/etc/apt/sources.list.d/debian.sources` or else `/etc/apt/sources.list`; Debian's own
+/// mirror when neither names one.
+pub(crate) fn bookworm_sources() -> Vec<String> {
+    let deb822 =
+        std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let one_line = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    let mut sources = bookworm_entries(&deb822, &one_line);
+    if sources.is_empty() {
+        sources.push("deb http://deb.debian.org/debian bookworm main".to_owned());
+    }
+    sources
+}
+
+fn bookworm_entries(deb822: &str, one_line: &str) -> Vec<String> {
+    let wanted = |suite: &str| suite.starts_with("bookworm") && !suite.ends_with("-backports");
+    let mut entries = Vec::new();
+    for stanza in deb822.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+                .unwrap_or("")
+        };
+        if !field("Types").split_whitespace().any(|t| t == "deb") {
+            continue;
+        }
+        for uri in field("URIs").split_whitespace() {
+            for suite in field("Suites").split_whitespace().filter(|s| wanted(s)) {
+                entries.push(format!("deb {uri} {suite} {}", field("Components")));
+            }
+        }
+    }
+    for line in one_line.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        // `deb [options] URI SUITE COMPONENTS...`; options are not carried over.
+        let words: Vec<&str> = words.into_iter().filter(|w| !w.starts_with('[')).collect();
+        if words.len() >= 4 && words[0] == "deb" && wanted(words[2]) {
+            entries.push(words.join(" "));
+        }
+    }
+    entries
+}
+
 fn apt_get() -> Command {
     let mut cmd = Command::new("apt-get");
     // Wait for another apt (an unattended upgrade, a second task) instead of failing.
@@ -105,6 +161,27 @@ mod tests {
 
     fn check(status: &str, expected: bool) {
         assert_eq!(is_installed(status), expected, "{status:?}");
+    }
+
+    #[test]
+    fn reads_bookworm_sources() {
+        let deb822 = "Types: deb\n# a comment\nURIs: http://m.example/debian\n\
+            Suites: bookworm bookworm-updates\nComponents: main\n\n\
+            Types: deb\nURIs: http://m.example/debian\nSuites: bookworm-backports\n\
+            Components: main\n\nTypes: deb-src\nURIs: http://m.example/debian\n\
+            Suites: bookworm\nComponents: main\n";
+        assert_eq!(
+            bookworm_entries(
+                deb822,
+                "deb http://s.example/debian-security bookworm-security main\n# deb x y z\n"
+            ),
+            [
+                "deb http://m.example/debian bookworm main",
+                "deb http://m.example/debian bookworm-updates main",
+                "deb http://s.example/debian-security bookworm-security main",
+            ]
+        );
+        assert!(bookworm_entries("", "deb http://m.example/debian trixie main").is_empty());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! command run through [`exec::exec`]. See `cargo xtask --help`.
 
 mod bench;
+mod client;
+mod container_test;
 mod deps;
 mod ebpf;
 mod exec;
@@ -50,6 +52,9 @@ enum Task {
     /// Boot vagrant/Vagrantfile in a VM (libvirt, in a private network namespace) and check
     /// the appliance through its forwarded ports.
     VmTest(vm_test::Options),
+    /// Build the container image (on a base made here from Debian's packages), run it with the
+    /// documented flags in a private network namespace and check it from outside.
+    ContainerTest(container_test::Options),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
         Task::Bench(opts) => bench::bench(opts),
         Task::Soak(opts) => soak::soak(opts),
         Task::VmTest(opts) => vm_test::vm_test(opts),
+        Task::ContainerTest(opts) => container_test::container_test(opts),
         Task::Monitoring => match monitoring::monitoring() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -6,13 +6,14 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use proxy_testkit::Metrics;
 
 use super::lab::Lab;
+use crate::client::{self, Answer, ca_fingerprint, normalise_fingerprint};
 
 /// Requests made through each forward to check the kernel counts.
 const HTTPS_REQUESTS: u64 = 5;
@@ -155,43 +156,6 @@ pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    content_type: String,
-    location: String,
-    body: String,
-}
-
-/// One request with curl in the test's namespace (the host side of the forwards).
-fn curl(lab: &Lab, args: &[&str]) -> Result<Answer> {
-    const MARK: &str = "\n--curl-write-out--\n";
-    let out = lab
-        .command("curl")
-        .args(["-sS", "--max-time", "30", "-w"])
-        .arg(format!(
-            "{MARK}%{{http_code}}\t%{{content_type}}\t%{{redirect_url}}"
-        ))
-        .args(args)
-        .output()
-        .context("failed to run curl")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "curl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let (body, meta) = text.rsplit_once(MARK).context("curl wrote no status")?;
-    let mut fields = meta.split('\t');
-    Ok(Answer {
-        status: fields.next().unwrap_or("").trim().parse().unwrap_or(0),
-        content_type: fields.next().unwrap_or("").to_owned(),
-        location: fields.next().unwrap_or("").trim().to_owned(),
-        body: body.to_owned(),
-    })
-}
-
 /// The value of a one-series Prometheus query, through the forwarded port.
 fn prometheus_query(lab: &Lab, query: &str) -> Result<Option<f64>> {
     let out = lab
@@ -239,36 +203,7 @@ pub(super) fn ssh(lab: &Lab, command: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).replace('\r', ""))
 }
 
-fn ca_fingerprint(ca: &Path) -> Result<String> {
-    let out = Command::new("openssl")
-        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
-        .arg(ca)
-        .output()
-        .context("failed to run openssl")?;
-    ensure!(
-        out.status.success(),
-        "the CA from the VM is not a certificate"
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(normalise_fingerprint(text.split('=').nth(1).unwrap_or("")))
-}
-
-fn normalise_fingerprint(text: &str) -> String {
-    text.chars()
-        .filter(char::is_ascii_hexdigit)
-        .map(|c| c.to_ascii_uppercase())
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fingerprints_compare_without_separators() {
-        assert_eq!(
-            normalise_fingerprint(" ab:CD:01\n"),
-            normalise_fingerprint("AB CD 01")
-        );
-    }
+/// One request with curl in the test's namespace (the host side of the forwards).
+fn curl(lab: &Lab, args: &[&str]) -> Result<Answer> {
+    client::curl(lab.command("curl"), args)
 }
