@@ -37,19 +37,26 @@ fn revision() -> String {
     if !output.status.success() {
         return "unknown".to_owned();
     }
-    // A new commit or checkout changes HEAD or the ref it names.
-    if let Ok(dir) = Command::new("git")
-        .args(["rev-parse", "--git-dir"])
+    // A new commit or checkout changes HEAD or the ref it names. In a linked worktree HEAD is
+    // its own, while refs live in the common directory. Only existing paths are named: cargo
+    // reruns this script, and rebuilds the proxy, on every build for a path that does not exist.
+    if let Ok(dirs) = Command::new("git")
+        .args(["rev-parse", "--git-dir", "--git-common-dir"])
         .output()
     {
-        let dir = String::from_utf8_lossy(&dir.stdout).trim().to_owned();
-        for file in ["HEAD", "packed-refs"] {
-            println!("cargo::rerun-if-changed={dir}/{file}");
+        let dirs = String::from_utf8_lossy(&dirs.stdout).into_owned();
+        let mut lines = dirs.lines().map(str::trim);
+        let dir = lines.next().unwrap_or_default().to_owned();
+        let common = lines.next().unwrap_or(&dir).to_owned();
+        println!("cargo::rerun-if-changed={dir}/HEAD");
+        if Path::new(&common).join("packed-refs").exists() {
+            println!("cargo::rerun-if-changed={common}/packed-refs");
         }
         if let Ok(head) = std::fs::read_to_string(Path::new(&dir).join("HEAD"))
             && let Some(reference) = head.trim().strip_prefix("ref: ")
+            && Path::new(&common).join(reference).exists()
         {
-            println!("cargo::rerun-if-changed={dir}/{reference}");
+            println!("cargo::rerun-if-changed={common}/{reference}");
         }
     }
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
