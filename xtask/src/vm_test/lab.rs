@@ -19,6 +19,8 @@ use crate::{exec::exec, workspace};
 const NETNS: &str = "proxy-vmtest";
 /// The guest's apt proxy: the host side of libvirt's management network, inside the namespace.
 const APT_PROXY_PORT: u16 = 3142;
+/// The domain vagrant-libvirt names after the Vagrantfile's directory and machine.
+const LEFTOVER_DOMAIN: &str = "vagrant_default";
 const MANAGEMENT_GATEWAY: &str = "192.168.121.1";
 
 pub(crate) struct Lab {
@@ -68,11 +70,14 @@ impl Lab {
                 .arg(format!("UNIX-CONNECT:{}", socket.display())),
         )?);
         lab.wait_for_libvirt()?;
-        // A VM an interrupted run left defined would stop `vagrant up`.
+        // A VM an interrupted run left defined would stop `vagrant up`. Vagrant destroys what
+        // its machine state knows of; a run killed before it recorded the VM leaves a domain
+        // only libvirt knows, taken down by name.
         let _ = lab
             .vagrant(Duration::from_secs(300))
             .args(["destroy", "-f"])
             .status();
+        lab.undefine_leftover_domain();
         Ok(lab)
     }
 
@@ -131,6 +136,31 @@ end
 
     fn pid_file(&self, daemon: &str) -> PathBuf {
         self.work.join(format!("{daemon}.pid"))
+    }
+
+    /// Stops and undefines the Vagrantfile's domain (`vagrant_default`, from the directory
+    /// name and the machine name) with its disks, if libvirt still has it.
+    fn undefine_leftover_domain(&self) {
+        let known = self
+            .command("virsh")
+            .args(["-c", "qemu:///system", "domstate", LEFTOVER_DOMAIN])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !known {
+            return;
+        }
+        println!("taking down {LEFTOVER_DOMAIN}, left defined by an interrupted run");
+        let _ = self
+            .command("virsh")
+            .args(["-c", "qemu:///system", "destroy", LEFTOVER_DOMAIN])
+            .status();
+        let _ = self
+            .command("virsh")
+            .args(["-c", "qemu:///system", "undefine", LEFTOVER_DOMAIN])
+            .args(["--remove-all-storage", "--nvram"])
+            .status();
     }
 
     fn wait_for_libvirt(&self) -> Result<()> {
