@@ -1,13 +1,14 @@
 //! `cargo xtask test`: every test of the project, in the order a reviewer would run them: the
 //! system packages the tests need, formatting, clippy (the workspace, then the kernel program
 //! for its BPF target), unused dependencies, the supply chain, fuzzing, then the proxy binary
-//! and the whole workspace's tests against it (end-to-end tests find it through `PROXY_BIN`).
+//! and the whole workspace's tests against it (end-to-end tests find it through `PROXY_BIN`),
+//! and a smoke run of the benchmark harness against the proxy and its peers.
 
 use std::process::ExitCode;
 
 use proxy_testkit::phase::{self, Phase};
 
-use crate::{deps, ebpf, exec::exec, fuzz, pypi, supply_chain, workspace};
+use crate::{bench, deps, ebpf, exec::exec, fuzz, privilege, pypi, supply_chain, workspace};
 
 /// Options of `cargo xtask test`.
 #[derive(Debug, clap::Args)]
@@ -88,6 +89,14 @@ pub(crate) fn test(Options { quick }: Options) -> ExitCode {
             }
             exec(&mut cmd)
         }),
+        if quick && !privilege::is_root() {
+            Phase::skip(
+                "bench-smoke",
+                "--quick and not root (namespaces, ports 80/443)",
+            )
+        } else {
+            Phase::new("bench-smoke", bench::smoke)
+        },
     ];
     if phase::run_all(phases) {
         ExitCode::SUCCESS

@@ -1,9 +1,10 @@
 //! Shows, on the servers themselves, that the handshake runs are full handshakes: the proxy
-//! (with `PROXY_LOG=rustls=trace`) logs a CertificateVerify only in a full handshake, nginx
-//! logs `$ssl_session_reused`. `openssl s_time -new` must give only full handshakes; h2load
-//! reconnecting with `Connection: close` is run beside it for contrast (it resumes, which is
-//! why the bench does not use it). Also creates the proxy's state (CA and leaf) that nginx
-//! then serves.
+//! (with `PROXY_LOG=rustls=trace`) logs a CertificateVerify only in a full handshake, the
+//! peers log per request whether the session was resumed (nginx `$ssl_session_reused`,
+//! HAProxy `%[ssl_fc_is_resumed]`, h2o `%{ssl.session-reused}x`). `openssl s_time -new` must
+//! give only full handshakes; h2load reconnecting with `Connection: close` is run beside it
+//! for contrast (it resumes, which is why the bench does not use it). Also creates the
+//! proxy's state (CA and leaf) that the peers then serve.
 
 use std::fs;
 
@@ -11,7 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use proxy_testkit::{NetNs, command};
 use serde_json::{Value, json};
 
-use super::{measure::Bench, nginx, servers::pinned};
+use super::{measure::Bench, report::Contender, servers::pinned};
 
 /// Runs the check in fresh namespaces; fails when `s_time -new` was resumed anywhere.
 pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) -> Result<Value> {
@@ -48,10 +49,13 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
         );
     }
 
-    if bench.nginx.is_some() {
+    for peer in Contender::PEERS {
+        if !bench.has(peer) {
+            continue;
+        }
         let ns = fresh_ns()?;
-        let log = bench.dir.join("nginx-check").join("resumption.log");
-        let server = bench.start_nginx_with(&ns, "nginx-check", Some(&log))?;
+        let name = format!("{}-check", peer.key());
+        let (server, log) = bench.start_peer(&ns, peer, &name, true)?;
         bench.s_time(&ns, 1, 1, "-new")?;
         h2load_reconnecting(&ns, bench)?;
         drop(server);
@@ -59,20 +63,22 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
             fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
         // s_time sends HTTP/1.0, h2load HTTP/1.1 (the readiness and answer checks use curl
         // with HTTP/1.1 and h2; they are few).
-        let (full, resumed) = nginx::count_resumption(&text, "HTTP/1.0");
-        let (h2_full, h2_resumed) = nginx::count_resumption(&text, "HTTP/1.1");
+        let (full, resumed) = count_resumption(&text, "HTTP/1.0");
+        let (h2_full, h2_resumed) = count_resumption(&text, "HTTP/1.1");
         println!(
-            "    nginx: s_time -new: {full} full, {resumed} resumed; \
-             h2load --h1 with Connection: close: {h2_full} full, {h2_resumed} resumed"
+            "    {}: s_time -new: {full} full, {resumed} resumed; \
+             h2load --h1 with Connection: close: {h2_full} full, {h2_resumed} resumed",
+            peer.label()
         );
-        result["nginx_ssl_session_reused"] = json!({
+        result[format!("{}_ssl_session_reused", peer.key())] = json!({
             "s_time_new": {"full": full, "resumed": resumed},
             "h2load_h1_connection_close": {"full": h2_full, "resumed": h2_resumed},
         });
         if resumed > 0 || full == 0 {
             bail!(
-                "openssl s_time -new resumed {resumed} of {} sessions on nginx",
-                full + resumed
+                "openssl s_time -new resumed {resumed} of {} sessions on {}",
+                full + resumed,
+                peer.label()
             );
         }
     }
@@ -97,6 +103,20 @@ fn rustls_handshakes(log: &str) -> (u64, u64) {
     (full, hellos.saturating_sub(full))
 }
 
+/// Full and resumed handshakes of requests made with `protocol` (`HTTP/1.0`, `HTTP/1.1`) in a
+/// peer's resumption log: per request, whether the session was resumed first (nginx `r` or
+/// `.`, HAProxy and h2o `1` or `0`) and the protocol last.
+fn count_resumption(log: &str, protocol: &str) -> (u64, u64) {
+    log.lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.len() >= 2 && fields.last() == Some(&protocol))
+        .fold((0, 0), |(full, resumed), fields| match fields[0] {
+            "r" | "1" => (full, resumed + 1),
+            "." | "0" => (full + 1, resumed),
+            _ => (full, resumed),
+        })
+}
+
 fn minus(a: (u64, u64), b: (u64, u64)) -> (u64, u64) {
     (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1))
 }
@@ -107,6 +127,18 @@ mod tests {
 
     fn check(log: &str, expected: (u64, u64)) {
         assert_eq!(rustls_handshakes(log), expected, "{log}");
+    }
+
+    #[test]
+    fn counts_resumed_handshakes_in_peer_logs() {
+        let nginx =
+            ". TLSv1.3 HTTP/1.0\nr TLSv1.3 HTTP/1.1\n. TLSv1.3 HTTP/1.0\n\nr TLSv1.3 HTTP/1.1\n";
+        assert_eq!(count_resumption(nginx, "HTTP/1.0"), (2, 0));
+        assert_eq!(count_resumption(nginx, "HTTP/1.1"), (0, 2));
+        let haproxy = "[NOTICE] (1) : New worker (2) forked\n0 HTTP/1.0\n1 HTTP/1.1\n0 HTTP/1.1\n";
+        assert_eq!(count_resumption(haproxy, "HTTP/1.0"), (1, 0));
+        assert_eq!(count_resumption(haproxy, "HTTP/1.1"), (1, 1));
+        assert_eq!(count_resumption("", "HTTP/1.0"), (0, 0));
     }
 
     #[test]

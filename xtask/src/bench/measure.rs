@@ -22,7 +22,9 @@ use super::{
 pub(super) struct Bench {
     pub proxy: PathBuf,
     pub nginx: Option<(PathBuf, (u32, u32, u32))>,
-    /// The temporary directory: state, logs, nginx prefixes.
+    pub haproxy: Option<PathBuf>,
+    pub h2o: Option<PathBuf>,
+    /// The temporary directory: state, logs, the peers' directories.
     pub dir: PathBuf,
     pub server_cpu: usize,
     pub client_cpu: usize,
@@ -34,7 +36,17 @@ pub(super) struct Bench {
 }
 
 impl Bench {
-    /// The proxy's state directory: its CA and the leaf both servers present.
+    /// Whether `contender` can run here (a peer whose binary was found).
+    pub(super) fn has(&self, contender: Contender) -> bool {
+        match contender {
+            Contender::Nginx => self.nginx.is_some(),
+            Contender::Haproxy => self.haproxy.is_some(),
+            Contender::H2o => self.h2o.is_some(),
+            _ => true,
+        }
+    }
+
+    /// The proxy's state directory: its CA and the leaf every server presents.
     pub(super) fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
     }
@@ -56,7 +68,8 @@ impl Bench {
             extra: Vec::new(),
         };
         // nginx: the worker serves; the master only holds the configuration (pages mostly
-        // shared with the worker), reported beside it.
+        // shared with the worker), reported beside it. HAProxy (no master) and h2o are one
+        // process each.
         let pids = server.pids();
         let serving = if contender == Contender::Nginx {
             &pids[1..]

@@ -1,17 +1,24 @@
-//! `cargo xtask bench`: the release proxy against itself without eBPF and against nginx, on
-//! one server core with the load generator on another. Every contender runs in its own fresh
-//! network namespace on the real ports 80/443, the client inside the same namespace; the
-//! contenders are interleaved (A B C A B C ...) over the repetitions, and the report gives
-//! medians with min–max, the ratios proxy/nginx and attached/detached, and the targets.
-//! A markdown table is printed at the end and the raw figures written to
-//! `target/bench/bench-<UTC time>.json`.
+//! `cargo xtask bench`: the release proxy against itself without eBPF and against its peers
+//! nginx, HAProxy and h2o, on one server core with the load generator on another. Every
+//! contender runs in its own fresh network namespace on the real ports 80/443, the client
+//! inside the same namespace; each contender's answer is checked to be the proxy's before it
+//! is measured; the contenders are interleaved (A B C A B C ...) over the repetitions, and the
+//! report gives medians with min–max, the ratios proxy/nginx, proxy/best peer and
+//! attached/detached, and the targets. A markdown table is printed at the end and the raw
+//! figures written to `target/bench/bench-<UTC time>.json`. `--smoke` runs the harness
+//! itself (every contender started, checked and loaded for a second, no report) for the
+//! test suite.
 //!
 //! Scenarios: HTTP/1.1 keep-alive over TLS (`wrk --latency`), HTTP/2 with multiplexing
 //! (`h2load -c N -m M`), full TLS handshakes (`openssl s_time -new`, one request per
 //! connection, never resumed; the server CPU time per handshake is the figure, since the
 //! client is the limit), plain HTTP → 308 (`wrk` on :80), and each server's peak RSS.
 
+mod answer;
+mod h2o;
 mod handshake_check;
+mod haproxy;
+mod install;
 mod load;
 mod measure;
 mod nginx;
@@ -39,10 +46,14 @@ const NETNS_PREFIX: &str = "xtask-bench";
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Options {
-    /// Two repetitions of 3-second runs (about two minutes) instead of 5 of 8 seconds.
+    /// Two repetitions of 3-second runs (about four minutes) instead of 5 of 8 seconds.
     #[arg(long)]
     pub quick: bool,
-    /// The core the server (proxy or nginx) is pinned to.
+    /// Check the harness, not the servers: the debug proxy and every peer started, their
+    /// answers checked, one repetition of 1-second runs, no access-log run and no report.
+    #[arg(long, conflicts_with = "quick")]
+    pub smoke: bool,
+    /// The core the server (the proxy or a peer) is pinned to.
     #[arg(long, default_value_t = 0)]
     pub server_cpu: usize,
     /// The core the load generator is pinned to.
@@ -69,7 +80,7 @@ pub(crate) struct Options {
     /// Leave out the run with the proxy's access log on.
     #[arg(long)]
     pub no_access_log_run: bool,
-    /// Never install missing tools (wrk, h2load, nginx) with apt.
+    /// Never install missing tools (wrk, h2load, nginx, HAProxy, h2o) with apt.
     #[arg(long)]
     pub no_install: bool,
 }
@@ -96,29 +107,56 @@ pub(crate) fn bench(opts: Options) -> ExitCode {
     }
 }
 
+/// The smoke run of the test suite: `cargo xtask bench --smoke` with the proxy already built
+/// (debug, with the eBPF program).
+pub(crate) fn smoke() -> Result<()> {
+    use clap::{Args as _, FromArgMatches as _};
+    // The defaults of every other option, as `cargo xtask bench --smoke` has them.
+    let matches = Options::augment_args(clap::Command::new("bench"))
+        .try_get_matches_from(["bench", "--smoke"])?;
+    run(Options::from_arg_matches(&matches)?)
+}
+
 fn run(opts: Options) -> Result<()> {
     let started = Instant::now();
-    let reps = opts.reps.unwrap_or(if opts.quick { 2 } else { 5 }).max(1);
-    let seconds = opts
-        .seconds
-        .unwrap_or(if opts.quick { 3 } else { 8 })
-        .max(1);
+    let reps = if opts.smoke {
+        1
+    } else {
+        opts.reps.unwrap_or(if opts.quick { 2 } else { 5 }).max(1)
+    };
+    let seconds = if opts.smoke {
+        1
+    } else {
+        opts.seconds
+            .unwrap_or(if opts.quick { 3 } else { 8 })
+            .max(1)
+    };
     check_machine(&opts)?;
     for name in netns::remove_stale(NETNS_PREFIX)? {
         println!("removed network namespace {name} left by an interrupted run");
     }
-    ensure_tools(!opts.no_install)?;
-    let nginx = nginx::find_or_install(!opts.no_install)
-        .and_then(|bin| nginx::version(&bin).map(|v| (bin, v)));
+    let install = !opts.no_install;
+    ensure_tools(install)?;
+    let nginx =
+        nginx::find_or_install(install).and_then(|bin| nginx::version(&bin).map(|v| (bin, v)));
+    let haproxy = haproxy::find_or_install(install);
+    let h2o = h2o::find_or_install(install);
 
-    println!("==> building the release proxy with its eBPF program");
     ebpf::build().context("the attached contender needs the eBPF program")?;
-    exec(workspace::cargo().args(["build", "--release", "--locked", "-p", "proxy"]))?;
+    if opts.smoke {
+        // The test suite has built the debug proxy; a release build would take minutes.
+        exec(workspace::cargo().args(["build", "--locked", "-p", "proxy"]))?;
+    } else {
+        println!("==> building the release proxy with its eBPF program");
+        exec(workspace::cargo().args(["build", "--release", "--locked", "-p", "proxy"]))?;
+    }
 
     let dir = TempDir::new("xtask-bench-").context("creating a temporary directory")?;
     let bench = Bench {
-        proxy: workspace::proxy_bin(true),
+        proxy: workspace::proxy_bin(!opts.smoke),
         nginx,
+        haproxy,
+        h2o,
         dir: dir.path().to_owned(),
         server_cpu: opts.server_cpu,
         client_cpu: opts.client_cpu,
@@ -128,16 +166,22 @@ fn run(opts: Options) -> Result<()> {
         h2_streams: opts.h2_streams,
         handshake_clients: opts.handshake_clients.max(1),
     };
-    let mut contenders = vec![Contender::Attached, Contender::Detached];
-    if bench.nginx.is_some() {
-        contenders.push(Contender::Nginx);
+    // The smoke run leaves out the detached proxy: the same binary, and the run's second.
+    let mut contenders = if opts.smoke {
+        vec![Contender::Attached]
+    } else {
+        vec![Contender::Attached, Contender::Detached]
+    };
+    contenders.extend(Contender::PEERS.into_iter().filter(|&c| bench.has(c)));
+    if opts.smoke && contenders.len() < 1 + Contender::PEERS.len() {
+        bail!("the smoke run needs every peer (nginx, HAProxy, h2o); see the lines above");
     }
-    if !opts.no_access_log_run {
+    if !opts.no_access_log_run && !opts.smoke {
         contenders.push(Contender::AccessLog);
     }
     let loadavg = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "==> proxy and nginx pinned to CPU {}, load generators to CPU {}; load average now: {}",
+        "==> servers pinned to CPU {}, load generators to CPU {}; load average now: {}",
         opts.server_cpu,
         opts.client_cpu,
         loadavg.trim()
@@ -184,6 +228,13 @@ fn run(opts: Options) -> Result<()> {
         }
     }
 
+    if opts.smoke {
+        println!(
+            "smoke run done in {}: every contender answered as the proxy does and was measured",
+            minutes(started.elapsed().as_secs())
+        );
+        return Ok(());
+    }
     let table = results.markdown();
     println!("\n==> results: medians (min–max) of {reps} interleaved runs, {seconds} s each\n");
     println!("{table}");
@@ -223,7 +274,10 @@ fn run(opts: Options) -> Result<()> {
         "h2load_streams": opts.h2_streams,
         "s_time_clients": bench.handshake_clients,
         "proxy_log": "PROXY_LOG=warn (access log off) except the access-log run (info, to /dev/null)",
-        "nginx": "worker_processes 1, access_log off, keepalive_requests 1000000",
+        "nginx": "worker_processes 1 pinned, access_log off, keepalive_requests 1000000, keepalive_timeout 3600s",
+        "haproxy": "nbthread 1, cpu-map to the server core, no log, http-request return (no backend), timeout client/http-request/http-keep-alive 1h",
+        "h2o": "num-threads 1, no access log, mruby handler for the answer, http1-request-timeout and http2-idle-timeout 3600 s, neverbleed off",
+        "ignored_answer_fields": answer::IGNORED,
     });
     let out = workspace::target_dir().join("bench");
     fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -301,21 +355,7 @@ fn machine(loadavg: &str) -> serde_json::Value {
 }
 
 fn tools(bench: &Bench) -> serde_json::Value {
-    let first_line = |program: &str, args: &[&str]| -> String {
-        Command::new(program)
-            .args(args)
-            .output()
-            .map(|out| {
-                let text = [out.stdout, out.stderr].concat();
-                String::from_utf8_lossy(&text)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_owned()
-            })
-            .unwrap_or_default()
-    };
+    let first_line = |program: &str, args: &[&str]| install::first_line(Path::new(program), args);
     let git = Command::new("git")
         .args(["describe", "--always", "--dirty"])
         .current_dir(workspace::root())
@@ -327,6 +367,8 @@ fn tools(bench: &Bench) -> serde_json::Value {
         "wrk": first_line("wrk", &["-v"]),
         "h2load": first_line("h2load", &["--version"]),
         "openssl": first_line("openssl", &["version"]),
-        "nginx": bench.nginx.as_ref().map(|(bin, _)| first_line(&bin.to_string_lossy(), &["-v"])),
+        "nginx": bench.nginx.as_ref().map(|(bin, _)| install::first_line(bin, &["-v"])),
+        "haproxy": bench.haproxy.as_ref().map(|bin| install::first_line(bin, &["-v"])),
+        "h2o": bench.h2o.as_ref().map(|bin| install::first_line(bin, &["-v"])),
     })
 }

@@ -9,50 +9,20 @@ use std::{
     process::Command,
 };
 
-use crate::{deps, privilege};
+use super::install;
 
 const BIN: &str = "/usr/sbin/nginx";
 
-/// nginx's binary, installing it when allowed; `None` (with the reason printed) when it is
-/// absent and cannot be installed: the bench then runs without it.
+/// nginx's binary, installing it when allowed (Debian 12 has nginx-light; later releases only
+/// nginx); `None` when it cannot be had.
 pub(super) fn find_or_install(allow_install: bool) -> Option<PathBuf> {
-    let bin = PathBuf::from(BIN);
-    if bin.is_file() {
-        return Some(bin);
-    }
-    if !allow_install || !privilege::is_root() || !Path::new("/etc/debian_version").exists() {
-        println!(
-            "nginx is not installed: skipping it (install it with `apt-get install nginx-light`, \
-             or let the bench do it as root on Debian without --no-install)"
-        );
-        return None;
-    }
-    // Debian 12 has nginx-light; later releases only nginx.
-    for package in ["nginx-light", "nginx"] {
-        println!("installing {package} to compare against");
-        match deps::apt_install(&[package]) {
-            Ok(()) if bin.is_file() => {
-                stop_system_service();
-                return Some(bin);
-            }
-            Ok(()) => println!("{package} installed no {BIN}"),
-            Err(e) => println!("could not install {package}: {e:#}"),
-        }
-    }
-    println!("nginx could not be installed: skipping it");
-    None
-}
-
-/// Debian starts nginx.service on installation (port 80 on the host): the bench runs its own.
-fn stop_system_service() {
-    let active = Command::new("systemctl")
-        .args(["is-active", "--quiet", "nginx"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if active {
-        println!("stopping and disabling the nginx.service the package started");
-        let _ = crate::exec::exec(Command::new("systemctl").args(["disable", "--now", "nginx"]));
-    }
+    install::find_or_install(
+        "nginx",
+        BIN,
+        &["nginx-light", "nginx"],
+        "nginx",
+        allow_install,
+    )
 }
 
 /// nginx's version from `nginx -v` ("nginx version: nginx/1.22.1", on standard error).
@@ -112,8 +82,10 @@ events {{
 http {{
     {access_log}
     server_tokens off;
-    # nginx closes a keep-alive connection after 1000 requests by default; the proxy does not.
+    # nginx closes a keep-alive connection (HTTP/1.1 or h2) after 1000 requests by default
+    # and idle ones after 75 s; the proxy does neither within a run.
     keepalive_requests 1000000;
+    keepalive_timeout 3600s;
     client_body_temp_path {dir}/client_body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
@@ -168,19 +140,6 @@ fn affinity_mask(cpu: usize) -> String {
     format!("1{}", "0".repeat(cpu))
 }
 
-/// Full and resumed handshakes of requests made with `protocol` (`HTTP/1.0`, `HTTP/1.1`) in a
-/// resumption log (`$ssl_session_reused $ssl_protocol $server_protocol`, `r` or `.` first).
-pub(super) fn count_resumption(log: &str, protocol: &str) -> (u64, u64) {
-    log.lines()
-        .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .filter(|fields| fields.last() == Some(&protocol))
-        .fold((0, 0), |(full, resumed), fields| match fields.first() {
-            Some(&"r") => (full, resumed + 1),
-            Some(&".") => (full + 1, resumed),
-            _ => (full, resumed),
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,15 +169,6 @@ mod tests {
     }
 
     #[test]
-    fn counts_resumed_handshakes() {
-        let log =
-            ". TLSv1.3 HTTP/1.0\nr TLSv1.3 HTTP/1.1\n. TLSv1.3 HTTP/1.0\n\nr TLSv1.3 HTTP/1.1\n";
-        check(count_resumption(log, "HTTP/1.0"), (2, 0));
-        check(count_resumption(log, "HTTP/1.1"), (0, 2));
-        check(count_resumption("", "HTTP/1.0"), (0, 0));
-    }
-
-    #[test]
     fn configures_the_same_answer() {
         let settings = Settings {
             dir: Path::new("/tmp/b"),
@@ -233,6 +183,8 @@ mod tests {
             "worker_cpu_affinity 10;",
             "pid /tmp/b/nginx.pid;",
             "access_log off;",
+            "keepalive_requests 1000000;",
+            "keepalive_timeout 3600s;",
             "listen 443 ssl http2;",
             "ssl_certificate /tmp/b/state/leaf.pem;",
             "ssl_certificate_key /tmp/b/state/leaf.key;",

@@ -1,6 +1,7 @@
 //! The figures of a benchmark and what is made of them: each run's measurements, medians with
-//! min–max per contender, the ratios proxy/nginx and eBPF attached/detached, the targets they
-//! are held against, the markdown table printed at the end and the JSON written beside it.
+//! min–max per contender, the ratios proxy/nginx, proxy/best peer and eBPF attached/detached,
+//! the targets they are held against, the markdown table printed at the end and the JSON
+//! written beside it.
 
 use std::fmt::Write as _;
 
@@ -15,23 +16,38 @@ pub(super) enum Contender {
     Detached,
     /// nginx with the same answer, certificate and protocols.
     Nginx,
+    /// HAProxy with the same answer, certificate and protocols.
+    Haproxy,
+    /// h2o with the same answer, certificate and protocols.
+    H2o,
     /// `proxy serve --ebpf required` with the default access log (HTTP/1.1 only).
     AccessLog,
 }
 
 impl Contender {
-    pub(super) const ALL: [Contender; 4] = [
+    pub(super) const ALL: [Contender; 6] = [
         Contender::Attached,
         Contender::Detached,
         Contender::Nginx,
+        Contender::Haproxy,
+        Contender::H2o,
         Contender::AccessLog,
     ];
+
+    /// The other servers the proxy is compared with.
+    pub(super) const PEERS: [Contender; 3] = [Contender::Nginx, Contender::Haproxy, Contender::H2o];
+
+    pub(super) fn is_peer(self) -> bool {
+        Self::PEERS.contains(&self)
+    }
 
     pub(super) fn key(self) -> &'static str {
         match self {
             Contender::Attached => "proxy_ebpf_attached",
             Contender::Detached => "proxy_ebpf_detached",
             Contender::Nginx => "nginx",
+            Contender::Haproxy => "haproxy",
+            Contender::H2o => "h2o",
             Contender::AccessLog => "proxy_access_log_on",
         }
     }
@@ -41,6 +57,8 @@ impl Contender {
             Contender::Attached => "proxy, eBPF attached",
             Contender::Detached => "proxy, eBPF detached",
             Contender::Nginx => "nginx",
+            Contender::Haproxy => "HAProxy",
+            Contender::H2o => "h2o",
             Contender::AccessLog => "proxy, access log on",
         }
     }
@@ -107,6 +125,15 @@ impl Metric {
             Metric::RedirectCpuUs => "plain HTTP → 308, server CPU µs/req",
             Metric::RssMib => "peak RSS under load, MiB",
         }
+    }
+
+    /// Whether a larger figure is the better one (throughput), or a smaller (latency, CPU,
+    /// memory).
+    pub(super) fn higher_is_better(self) -> bool {
+        matches!(
+            self,
+            Metric::H1Rps | Metric::H2Rps | Metric::HandshakesPerSec | Metric::RedirectRps
+        )
     }
 
     fn decimals(self) -> usize {
@@ -330,6 +357,28 @@ impl Results {
         summarize(&values)
     }
 
+    /// The peer with the best median of `metric`, and that median.
+    pub(super) fn best_peer(&self, metric: Metric) -> Option<(Contender, Summary)> {
+        Contender::PEERS
+            .into_iter()
+            .filter_map(|c| Some((c, self.summary(c, metric)?)))
+            .reduce(|best, next| {
+                let better = if metric.higher_is_better() {
+                    next.1.median > best.1.median
+                } else {
+                    next.1.median < best.1.median
+                };
+                if better { next } else { best }
+            })
+    }
+
+    /// The attached proxy's median of `metric` over the best peer's, and that peer.
+    pub(super) fn against_best_peer(&self, metric: Metric) -> Option<(f64, Contender)> {
+        let (peer, best) = self.best_peer(metric)?;
+        let r = ratio(self.summary(Contender::Attached, metric), Some(best))?;
+        Some((r, peer))
+    }
+
     fn contenders(&self) -> Vec<Contender> {
         Contender::ALL
             .into_iter()
@@ -344,8 +393,8 @@ impl Results {
         for c in &contenders {
             let _ = write!(out, " {} |", c.label());
         }
-        out += " proxy/nginx | attached/detached |\n|---|";
-        out += &"---:|".repeat(contenders.len() + 2);
+        out += " proxy/nginx | proxy/best peer | attached/detached |\n|---|";
+        out += &"---:|".repeat(contenders.len() + 3);
         out += "\n";
         for metric in Metric::ALL {
             let _ = write!(out, "| {} |", metric.label());
@@ -355,13 +404,22 @@ impl Results {
                     .map_or_else(|| "–".to_owned(), |s| cell(s, metric.decimals()));
                 let _ = write!(out, " {cell} |");
             }
-            for (of, over) in [
-                (Contender::Attached, Contender::Nginx),
-                (Contender::Attached, Contender::Detached),
-            ] {
-                let r = ratio(self.summary(of, metric), self.summary(over, metric));
-                let _ = write!(out, " {} |", r.map_or_else(|| "–".to_owned(), times));
-            }
+            let of = |over| {
+                ratio(
+                    self.summary(Contender::Attached, metric),
+                    self.summary(over, metric),
+                )
+            };
+            let best = self.against_best_peer(metric).map_or_else(
+                || "–".to_owned(),
+                |(r, peer)| format!("{} ({})", times(r), peer.label()),
+            );
+            let _ = write!(
+                out,
+                " {} | {best} | {} |",
+                of(Contender::Nginx).map_or_else(|| "–".to_owned(), times),
+                of(Contender::Detached).map_or_else(|| "–".to_owned(), times),
+            );
             out += "\n";
         }
         out += "\n| target | measured | met |\n|---|---:|---|\n";
@@ -436,7 +494,22 @@ impl Results {
                 })
             })
             .collect();
-        json!({"summary": summary, "targets": targets, "runs": runs})
+        let best_peer: serde_json::Map<String, Value> = Metric::ALL
+            .into_iter()
+            .filter_map(|metric| {
+                let (r, peer) = self.against_best_peer(metric)?;
+                Some((
+                    metric.key().to_owned(),
+                    json!({"peer": peer.key(), "proxy_over_peer": r}),
+                ))
+            })
+            .collect();
+        json!({
+            "summary": summary,
+            "proxy_against_best_peer": best_peer,
+            "targets": targets,
+            "runs": runs,
+        })
     }
 }
 
@@ -525,6 +598,37 @@ mod tests {
     }
 
     #[test]
+    fn picks_the_best_peer() {
+        let run = |contender, metric, value| Run {
+            contender,
+            rep: 1,
+            figures: vec![(metric, value)],
+            errors: vec![],
+            extra: vec![],
+        };
+        let results = Results {
+            runs: vec![
+                run(Contender::Attached, Metric::H1Rps, 100.0),
+                run(Contender::Nginx, Metric::H1Rps, 80.0),
+                run(Contender::H2o, Metric::H1Rps, 125.0),
+                run(Contender::Attached, Metric::H1CpuUs, 10.0),
+                run(Contender::Nginx, Metric::H1CpuUs, 8.0),
+                run(Contender::Haproxy, Metric::H1CpuUs, 12.0),
+                run(Contender::Attached, Metric::RssMib, 10.0),
+            ],
+        };
+        check(
+            results.against_best_peer(Metric::H1Rps),
+            Some((0.8, Contender::H2o)),
+        );
+        check(
+            results.against_best_peer(Metric::H1CpuUs),
+            Some((1.25, Contender::Nginx)),
+        );
+        check(results.against_best_peer(Metric::RssMib), None);
+    }
+
+    #[test]
     fn renders_the_table() {
         let run = |contender, rep, rps: f64| Run {
             contender,
@@ -539,11 +643,15 @@ mod tests {
                 run(Contender::Nginx, 1, 80.0),
                 run(Contender::Attached, 2, 120.0),
                 run(Contender::Nginx, 2, 80.0),
+                run(Contender::Haproxy, 1, 100.0),
+                run(Contender::H2o, 1, 90.0),
             ],
         };
         let table = results.markdown();
         assert!(
-            table.contains("| HTTP/1.1 keep-alive, req/s | 110 (100–120) | 80 | 1.38× | – |"),
+            table.contains(
+                "| HTTP/1.1 keep-alive, req/s | 110 (100–120) | 80 | 100 | 90 | 1.38× | 1.10× (HAProxy) | – |"
+            ),
             "{table}"
         );
         assert!(

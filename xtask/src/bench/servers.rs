@@ -1,16 +1,20 @@
 //! The contenders as servers: each started in its own namespace, pinned to the server core,
 //! with its output in the bench's directory, and stopped (SIGTERM, then SIGKILL) when dropped;
 //! ready once `GET /` over TLS answers 200. Before any measurement the answer is checked to be
-//! the proxy's (the same body, type and redirect), and for the proxy that its eBPF program is
-//! attached or detached as asked. Servers and load generators alike run as [`pinned`]
-//! commands.
+//! the proxy's ([`answer`]), and for the proxy that its eBPF program is attached or detached
+//! as asked. Servers and load generators alike run as [`pinned`] commands.
 
-use std::{fs, path::Path, process::Command, time::Duration};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use proxy_testkit::{Metrics, NetNs, Process, command};
 
-use super::{load::HOST, measure::Bench, nginx, report::Contender};
+use super::{answer, h2o, haproxy, measure::Bench, nginx, report::Contender};
 
 /// How long a server gets to start answering.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -22,7 +26,9 @@ impl Bench {
     /// proxy, whether its eBPF program is attached as asked.
     pub(super) fn start(&self, contender: Contender, ns: &NetNs) -> Result<Process> {
         let mut server = match contender {
-            Contender::Nginx => self.start_nginx(ns)?,
+            Contender::Nginx | Contender::Haproxy | Contender::H2o => {
+                self.start_peer(ns, contender, contender.key(), false)?.0
+            }
             Contender::AccessLog => {
                 self.start_proxy(ns, "required", "info", Path::new("/dev/null"))?
             }
@@ -37,8 +43,13 @@ impl Bench {
             }
         };
         wait_ready(ns, &mut server)?;
-        check_answer(ns).with_context(|| format!("{} answers differently", contender.label()))?;
-        if contender != Contender::Nginx {
+        answer::check(ns).with_context(|| {
+            format!(
+                "{} does not give the proxy's answer, so it would not do the same work",
+                contender.label()
+            )
+        })?;
+        if !contender.is_peer() {
             let metrics = Metrics::parse(&curl(ns, &[], "http://127.0.0.1:9090/metrics")?);
             let want = if contender == Contender::Detached {
                 0.0
@@ -77,81 +88,73 @@ impl Bench {
         Ok(server)
     }
 
-    /// nginx with the configuration of [`nginx::config`] (a resumption log when `log` is
-    /// given) in its own prefix directory, ready.
-    pub(super) fn start_nginx_with(
+    /// A peer (nginx, HAProxy, h2o) with its generated configuration in its own directory
+    /// `name` under the bench's, ready. With `resumption_log` it logs, per request, whether the
+    /// TLS session was resumed and the HTTP version (first and last field), to the file
+    /// returned.
+    pub(super) fn start_peer(
         &self,
         ns: &NetNs,
+        contender: Contender,
         name: &str,
-        log: Option<&Path>,
-    ) -> Result<Process> {
-        let (bin, version) = self.nginx.as_ref().context("nginx is not available")?;
+        resumption_log: bool,
+    ) -> Result<(Process, PathBuf)> {
         let dir = self.dir.join(name);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let conf = nginx::config(&nginx::Settings {
-            dir: &dir,
-            state_dir: &self.state_dir(),
-            cpu: self.server_cpu,
-            version: *version,
-            resumption_log: log,
-        });
-        fs::write(dir.join("nginx.conf"), conf)?;
+        let out = dir.join("server.out");
+        let mut log = dir.join("resumption.log");
+        let state = self.state_dir();
+        let (bin, args) = match contender {
+            Contender::Nginx => {
+                let (bin, version) = self.nginx.as_ref().context("nginx is not available")?;
+                let conf = nginx::config(&nginx::Settings {
+                    dir: &dir,
+                    state_dir: &state,
+                    cpu: self.server_cpu,
+                    version: *version,
+                    resumption_log: resumption_log.then_some(log.as_path()),
+                });
+                fs::write(dir.join("nginx.conf"), conf)?;
+                (bin, nginx::args(&dir))
+            }
+            Contender::Haproxy => {
+                let bin = self.haproxy.as_ref().context("HAProxy is not available")?;
+                // HAProxy reads the certificate and its key from one file.
+                let mut bundle = fs::read(state.join("leaf.pem"))?;
+                bundle.extend(fs::read(state.join("leaf.key"))?);
+                fs::write(dir.join(haproxy::BUNDLE), bundle)?;
+                let conf = haproxy::config(&haproxy::Settings {
+                    dir: &dir,
+                    cpu: self.server_cpu,
+                    resumption_log,
+                });
+                fs::write(dir.join("haproxy.cfg"), conf)?;
+                // It logs to standard output.
+                log = out.clone();
+                (bin, haproxy::args(&dir))
+            }
+            Contender::H2o => {
+                let bin = self.h2o.as_ref().context("h2o is not available")?;
+                let conf = h2o::config(&h2o::Settings {
+                    dir: &dir,
+                    state_dir: &state,
+                    resumption_log: resumption_log.then_some(log.as_path()),
+                });
+                fs::write(dir.join("h2o.conf"), conf)?;
+                (bin, h2o::args(&dir))
+            }
+            _ => bail!("{} is not a peer", contender.label()),
+        };
         let mut cmd = pinned(ns, self.server_cpu, &bin.to_string_lossy());
-        cmd.args(nginx::args(&dir));
-        let mut server = start_server("nginx", &mut cmd, &dir.join("nginx.out"))?;
+        cmd.args(args);
+        let mut server = start_server(contender.key(), &mut cmd, &out)?;
         wait_ready(ns, &mut server)?;
-        Ok(server)
+        Ok((server, log))
     }
-
-    fn start_nginx(&self, ns: &NetNs) -> Result<Process> {
-        self.start_nginx_with(ns, "nginx", None)
-    }
-}
-
-/// Checks the contender gives the proxy's answer: `GET /` over h2 → 200 `Hello SRE!` as
-/// `text/plain; charset=utf-8`, and plain HTTP → 308 to the same path over https.
-fn check_answer(ns: &NetNs) -> Result<()> {
-    let h2 = curl(
-        ns,
-        &[
-            "--http2",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_version} %{http_code} %{content_type}",
-        ],
-        "https://127.0.0.1/",
-    )?;
-    let body = curl(ns, &["--http1.1"], "https://127.0.0.1/")?;
-    let redirect = curl(
-        ns,
-        &["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}"],
-        "http://127.0.0.1/a?b=1",
-    )?;
-    let problems = answer_problems(&h2, &body, &redirect);
-    if !problems.is_empty() {
-        bail!("{}", problems.join("; "));
-    }
-    Ok(())
-}
-
-/// What differs from the proxy's answer, given curl's `-w` lines and the body.
-fn answer_problems(h2: &str, body: &str, redirect: &str) -> Vec<String> {
-    let mut problems = Vec::new();
-    if h2 != "2 200 text/plain; charset=utf-8" {
-        problems.push(format!("GET / over h2: {h2:?}"));
-    }
-    if body != "Hello SRE!" {
-        problems.push(format!("body {body:?}"));
-    }
-    if redirect != format!("308 https://{HOST}/a?b=1") {
-        problems.push(format!("plain HTTP: {redirect:?}"));
-    }
-    problems
 }
 
 /// `curl -sk ARGS URL` in `ns`, its standard output.
-fn curl(ns: &NetNs, args: &[&str], url: &str) -> Result<String> {
+pub(super) fn curl(ns: &NetNs, args: &[&str], url: &str) -> Result<String> {
     let mut cmd = ns.command("curl");
     cmd.args(["-sk", "--max-time", "5"]).args(args).arg(url);
     Ok(command::output(&mut cmd)?)
@@ -180,28 +183,4 @@ fn wait_ready(ns: &NetNs, server: &mut Process) -> Result<()> {
         )
         .is_ok_and(|code| code == "200")
     })?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn check<T: PartialEq + std::fmt::Debug>(actual: T, expected: T) {
-        assert_eq!(actual, expected);
-    }
-
-    #[test]
-    fn compares_answers() {
-        let h2 = "2 200 text/plain; charset=utf-8";
-        let redirect = "308 https://127.0.0.1/a?b=1";
-        check(answer_problems(h2, "Hello SRE!", redirect), vec![]);
-        check(
-            answer_problems("2 200 text/plain", "Hello SRE!", redirect),
-            vec![r#"GET / over h2: "2 200 text/plain""#.to_owned()],
-        );
-        check(
-            answer_problems(h2, "Hello SRE!\n", "301 https://127.0.0.1/a?b=1").len(),
-            2,
-        );
-    }
 }

@@ -1,0 +1,127 @@
+//! h2o as a peer: found or installed from the distribution (`h2o`), and configured in a
+//! temporary directory for exactly the proxy's answer: the same certificate and key files,
+//! TLS 1.2 and 1.3, ALPN h2 and http/1.1 (h2o's default), `GET /` → 200 `Hello SRE!` with the
+//! proxy's headers, port 80 → 308 to https; one thread, pinned to the server core by the
+//! bench; no access log.
+//!
+//! h2o 2.2 has no directive answering a fixed string: its file handler would add
+//! `last-modified`, `etag` and `accept-ranges`, so the answer comes from an mruby handler
+//! returning one prebuilt response. Its redirect handler takes a fixed URL, not the request's
+//! Host, so the Location names the bench's address (every client here asks for it).
+
+use std::path::{Path, PathBuf};
+
+use super::{install, load::HOST};
+
+const BIN: &str = "/usr/bin/h2o";
+
+/// h2o's binary, installing it when allowed; `None` when it cannot be had.
+pub(super) fn find_or_install(allow_install: bool) -> Option<PathBuf> {
+    install::find_or_install("h2o", BIN, &["h2o"], "h2o", allow_install)
+}
+
+/// What the configuration depends on.
+#[derive(Debug, Clone)]
+pub(super) struct Settings<'a> {
+    /// The directory of the configuration and the error log.
+    pub dir: &'a Path,
+    /// The proxy's state directory, holding `leaf.pem` and `leaf.key`.
+    pub state_dir: &'a Path,
+    /// Log `%{ssl.session-reused}x %H` per request to this file (the handshake check), else
+    /// no access log.
+    pub resumption_log: Option<&'a Path>,
+}
+
+/// The h2o.conf for `settings`.
+pub(super) fn config(s: &Settings<'_>) -> String {
+    let dir = s.dir.display();
+    let state = s.state_dir.display();
+    let access_log = match s.resumption_log {
+        Some(path) => format!(
+            "\naccess-log:\n  path: {}\n  format: \"%{{ssl.session-reused}}x %H\"",
+            path.display()
+        ),
+        None => String::new(),
+    };
+    format!(
+        r#"# Written by `cargo xtask bench`: the proxy's static answer, certificate and protocols.
+num-threads: 1
+error-log: {dir}/error.log
+send-server-name: OFF
+# h2o closes idle connections after 10 s by default; the proxy does not within a run.
+http1-request-timeout: 3600
+http2-idle-timeout: 3600{access_log}
+hosts:
+  "plain":
+    listen:
+      port: 80
+    paths:
+      "/":
+        redirect:
+          url: "https://{HOST}/"
+          status: 308
+  "tls":
+    listen:
+      port: 443
+      ssl:
+        certificate-file: {state}/leaf.pem
+        key-file: {state}/leaf.key
+        minimum-version: TLSv1.2
+        # Off: neverbleed signs in a second process, which the proxy and the others do not.
+        neverbleed: OFF
+        # Off: no OCSP responder to ask, and no helper process beside the server.
+        ocsp-update-interval: 0
+    paths:
+      "/":
+        mruby.handler: |
+          hello = [200, {{"content-type" => "text/plain; charset=utf-8", "content-length" => "10", "strict-transport-security" => "max-age=31536000", "x-content-type-options" => "nosniff", "x-frame-options" => "DENY", "referrer-policy" => "no-referrer", "content-security-policy" => "default-src 'none'; frame-ancestors 'none'"}}, ["Hello SRE!"]]
+          not_found = [404, {{"content-type" => "text/plain; charset=utf-8"}}, ["not found\n"]]
+          Proc.new do |env|
+            env["PATH_INFO"] == "/" ? hello : not_found
+          end
+"#
+    )
+}
+
+/// `h2o -c DIR/h2o.conf` arguments.
+pub(super) fn args(dir: &Path) -> Vec<String> {
+    vec!["-c".into(), dir.join("h2o.conf").display().to_string()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configures_the_same_answer() {
+        let settings = Settings {
+            dir: Path::new("/tmp/b/h2o"),
+            state_dir: Path::new("/tmp/b/state"),
+            resumption_log: None,
+        };
+        let conf = config(&settings);
+        for line in [
+            "num-threads: 1",
+            "http1-request-timeout: 3600",
+            "http2-idle-timeout: 3600",
+            "certificate-file: /tmp/b/state/leaf.pem",
+            "key-file: /tmp/b/state/leaf.key",
+            "minimum-version: TLSv1.2",
+            "url: \"https://127.0.0.1/\"",
+            "status: 308",
+            "\"content-type\" => \"text/plain; charset=utf-8\"",
+            "[\"Hello SRE!\"]",
+        ] {
+            assert!(conf.contains(line), "{line} missing from\n{conf}");
+        }
+        assert!(!conf.contains("access-log"), "{conf}");
+        let logging = config(&Settings {
+            resumption_log: Some(Path::new("/tmp/b/h2o/r.log")),
+            ..settings
+        });
+        assert!(
+            logging.contains("path: /tmp/b/h2o/r.log\n  format: \"%{ssl.session-reused}x %H\""),
+            "{logging}"
+        );
+    }
+}
