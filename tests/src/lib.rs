@@ -34,7 +34,7 @@ use std::time::Duration;
 pub use client::{Alpn, RawResp, Req, Resp, TlsInfo, TlsOptions};
 pub use metrics::{Metrics, MetricsExt};
 pub use netns::NetNs;
-pub use process::{Process, Proxy, proxy_bin, run_with_timeout};
+pub use process::{Process, Proxy, proxy_bin, release_proxy_bin, run_with_timeout};
 pub use proxy_testkit::{TempDir, poll_until, usage};
 
 /// The proxy's HTTPS listener as seen from inside the namespace.
@@ -76,6 +76,11 @@ impl TestEnv {
     /// `--state-dir <tmp>/state` is added unless `args` has its own.
     pub fn serve(&self, args: &[&str]) -> Proxy {
         Proxy::start(&self.ns, self.dir.path(), args, &[])
+    }
+
+    /// Like [`TestEnv::serve`] with the binary `bin` (e.g. [`release_proxy_bin`]).
+    pub fn serve_bin(&self, bin: &Path, args: &[&str]) -> Proxy {
+        Proxy::start_bin(&self.ns, self.dir.path(), bin, args)
     }
 
     /// Like [`TestEnv::serve`] with extra environment variables (e.g. `PROXY_*` settings).

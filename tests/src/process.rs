@@ -44,6 +44,15 @@ pub fn proxy_bin() -> PathBuf {
         })
 }
 
+/// The optimised proxy binary, when `PROXY_RELEASE_BIN` names one (`cargo xtask test` builds it
+/// and sets it): for checks of what production timings look like, which the debug build's
+/// slower TLS and parsing would distort.
+pub fn release_proxy_bin() -> Option<PathBuf> {
+    std::env::var_os("PROXY_RELEASE_BIN")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+}
+
 /// Runs `cmd` to completion with captured output, killing it after `timeout`.
 pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
     command::output_within(&mut cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
@@ -128,6 +137,11 @@ impl Proxy {
         Proxy::start_via(ns, dir, &[], args, env, || {})
     }
 
+    /// Like [`Proxy::start`] with the binary `bin` instead of [`proxy_bin`].
+    pub fn start_bin(ns: &NetNs, dir: &Path, bin: &Path, args: &[&str]) -> Proxy {
+        Proxy::launch(ns, dir, bin, &[], args, &[], || {})
+    }
+
     /// Like [`Proxy::start`], with the proxy started through `wrapper` (a command line that
     /// ends by running the program it is given, e.g. `setpriv ...` or `systemd-socket-activate
     /// ...`), and `kick` called once the process runs (e.g. to trigger socket activation).
@@ -139,13 +153,25 @@ impl Proxy {
         env: &[(&str, &str)],
         kick: impl FnOnce(),
     ) -> Proxy {
+        Proxy::launch(ns, dir, &proxy_bin(), wrapper, args, env, kick)
+    }
+
+    fn launch(
+        ns: &NetNs,
+        dir: &Path,
+        bin: &Path,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        kick: impl FnOnce(),
+    ) -> Proxy {
         let mut cmd = match wrapper.split_first() {
             Some((program, wrapper_args)) => {
                 let mut cmd = ns.command(program);
-                cmd.args(wrapper_args).arg(proxy_bin());
+                cmd.args(wrapper_args).arg(bin);
                 cmd
             }
-            None => ns.command(proxy_bin()),
+            None => ns.command(bin),
         };
         cmd.arg("serve").args(args);
         let state_dir = match args.iter().position(|a| *a == "--state-dir") {

