@@ -37,19 +37,26 @@ fn revision() -> String {
     if !output.status.success() {
         return "unknown".to_owned();
     }
-    // A new commit or checkout changes HEAD or the ref it names.
-    if let Ok(dir) = Command::new("git")
-        .args(["rev-parse", "--git-dir"])
-        .output()
-    {
-        let dir = String::from_utf8_lossy(&dir.stdout).trim().to_owned();
-        for file in ["HEAD", "packed-refs"] {
-            println!("cargo::rerun-if-changed={dir}/{file}");
-        }
-        if let Ok(head) = std::fs::read_to_string(Path::new(&dir).join("HEAD"))
-            && let Some(reference) = head.trim().strip_prefix("ref: ")
+    // A new commit or checkout changes HEAD or the ref it names. In a linked worktree HEAD
+    // is the worktree's own and the refs are in the common directory. Only existing files are
+    // watched: cargo counts a missing one as changed, and would rebuild the proxy every time.
+    let git_path = |arg: &str| {
+        Command::new("git")
+            .args(["rev-parse", arg])
+            .output()
+            .ok()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    if let (Some(dir), Some(common)) = (git_path("--git-dir"), git_path("--git-common-dir")) {
+        let head = Path::new(&dir).join("HEAD");
+        let mut watched = vec![head.clone(), Path::new(&common).join("packed-refs")];
+        if let Ok(text) = std::fs::read_to_string(&head)
+            && let Some(reference) = text.trim().strip_prefix("ref: ")
         {
-            println!("cargo::rerun-if-changed={dir}/{reference}");
+            watched.push(Path::new(&common).join(reference));
+        }
+        for file in watched.iter().filter(|f| f.exists()) {
+            println!("cargo::rerun-if-changed={}", file.display());
         }
     }
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
