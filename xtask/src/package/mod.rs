@@ -16,8 +16,10 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context as _, Result, bail, ensure};
 use proxy_testkit::phase::{self, Phase};
 
-use crate::{ebpf, exec, exec::exec, workspace};
+use crate::{deps, ebpf, exec, exec::exec, privilege, workspace};
 
+/// What the inspection runs besides dpkg-deb (installed when missing, on Debian as root).
+const CHECK_PACKAGES: &[&str] = &["lintian", "man-db"];
 /// cargo-deb, pinned like the other cargo tools; 3.8 builds with rustc 1.85 and later.
 const CARGO_DEB_VERSION: &str = "3.8.0";
 /// The package's maintainer, as `[package.metadata.deb]` names it (for the changelog).
@@ -56,6 +58,7 @@ pub(crate) fn package(opts: Options) -> ExitCode {
             Phase::skip("inspect", "--no-check")
         } else {
             Phase::new("inspect", || {
+                ensure_check_tools()?;
                 inspect::contents(&deb.borrow(), &version(&opts.deb_revision))
             })
         },
@@ -70,6 +73,19 @@ pub(crate) fn package(opts: Options) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn ensure_check_tools() -> Result<()> {
+    let missing = deps::missing(CHECK_PACKAGES)?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    ensure!(
+        privilege::is_root() && Path::new("/etc/debian_version").exists(),
+        "the package checks need {}: apt-get install {0} (or --no-check)",
+        missing.join(" ")
+    );
+    deps::apt_install(&missing)
 }
 
 /// The package's version for a Debian revision: the workspace version, then the revision.
@@ -128,15 +144,19 @@ pub(crate) fn build(deb_revision: &str, out_dir: &Path) -> Result<PathBuf> {
 /// The source revision `proxy --version` reports; fails unless the eBPF object is embedded.
 fn embedded_revision(bin: &Path) -> Result<String> {
     let line = version_line(bin)?;
+    revision_if_embedded(&line).with_context(|| format!("{} --version", bin.display()))
+}
+
+/// The revision in a `--version` line such as `proxy 0.1.0 (revision 0123abcd, eBPF
+/// embedded)`; an error when it says the object is absent.
+fn revision_if_embedded(line: &str) -> Result<String> {
     if !line.contains("eBPF embedded") {
-        bail!(
-            "{} --version says {line:?}: the eBPF object is not embedded",
-            bin.display()
-        );
+        bail!("{line:?}: the eBPF object is not embedded");
     }
     line.split("revision ")
         .nth(1)
         .and_then(|rest| rest.split([',', ')']).next())
+        .filter(|revision| !revision.is_empty())
         .map(str::to_owned)
         .with_context(|| format!("no revision in {line:?}"))
 }
@@ -208,4 +228,28 @@ fn changelog_date() -> Result<String> {
     }
     let out = Command::new("date").arg("-R").output()?;
     Ok(String::from_utf8_lossy(out.stdout.trim_ascii()).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(line: &str, expected: Option<&str>) {
+        assert_eq!(
+            revision_if_embedded(line).ok().as_deref(),
+            expected,
+            "{line:?}"
+        );
+    }
+
+    #[test]
+    fn refuses_a_binary_without_its_kernel_program() {
+        check(
+            "proxy 0.1.0 (revision 4f425f1257b7, eBPF embedded)",
+            Some("4f425f1257b7"),
+        );
+        check("proxy 0.1.0 (revision 4f425f1257b7, eBPF absent)", None);
+        check("proxy 0.1.0 (revision , eBPF embedded)", None);
+        check("", None);
+    }
 }
