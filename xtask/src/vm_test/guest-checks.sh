@@ -168,7 +168,10 @@ purge() {
         if [ -e "$path" ] || [ -L "$path" ]; then left="$left $path"; fi
     done
     echo "left=${left# }"
-    echo "unit_links=$(find /etc/systemd/system -name 'proxy*' -printf '%p ' | sed 's/ $//')"
+    # Enable links and masks of the package's units (the monitoring drop-ins the VM added,
+    # named proxy.conf, are the administrator's and stay).
+    echo "unit_links=$(find /etc/systemd/system \( -name proxy.service -o -name proxy.socket \
+        -o -name proxy-backend.service \) -printf '%p ' | sed 's/ $//')"
     echo "unit_files=$(systemctl list-unit-files --no-legend 'proxy*' | wc -l)"
     echo "status=$(dpkg-query -W -f='${Status}' proxy 2>/dev/null || echo not-installed)"
     rm -f "$CA"
