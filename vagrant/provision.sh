@@ -131,7 +131,7 @@ if [ "$PREBUILT" = 1 ]; then
     DEB=$(newest_deb "$SRC"/vagrant/bin/proxy_*_amd64.deb) || die "PROXY_VM_PREBUILT=1 but there is no vagrant/bin/proxy_*_amd64.deb: build it on the host with cargo xtask package --out-dir vagrant/bin"
     echo "   using the prebuilt $DEB"
 else
-    # toolchain.md: Debian's rustc-web/cargo-web (1.96) build both sides; bpf-linker from
+    # Debian's rustc-web/cargo-web (1.96) build both sides; bpf-linker from
     # crates.io against LLVM 22; cargo xtask package installs cargo-deb.
     packages build-essential cargo-web rustc-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev libzstd-dev
     if [ -x /root/.cargo/bin/bpf-linker ] && /root/.cargo/bin/bpf-linker --version | grep -q ' 0\.13\.0'; then
