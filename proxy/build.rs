@@ -37,26 +37,26 @@ fn revision() -> String {
     if !output.status.success() {
         return "unknown".to_owned();
     }
-    // A new commit or checkout changes HEAD or the ref it names. In a linked worktree HEAD is
-    // its own, while refs live in the common directory. Only existing paths are named: cargo
-    // reruns this script, and rebuilds the proxy, on every build for a path that does not exist.
-    if let Ok(dirs) = Command::new("git")
-        .args(["rev-parse", "--git-dir", "--git-common-dir"])
-        .output()
-    {
-        let dirs = String::from_utf8_lossy(&dirs.stdout).into_owned();
-        let mut lines = dirs.lines().map(str::trim);
-        let dir = lines.next().unwrap_or_default().to_owned();
-        let common = lines.next().unwrap_or(&dir).to_owned();
-        println!("cargo::rerun-if-changed={dir}/HEAD");
-        if Path::new(&common).join("packed-refs").exists() {
-            println!("cargo::rerun-if-changed={common}/packed-refs");
-        }
-        if let Ok(head) = std::fs::read_to_string(Path::new(&dir).join("HEAD"))
-            && let Some(reference) = head.trim().strip_prefix("ref: ")
-            && Path::new(&common).join(reference).exists()
+    // A new commit or checkout changes HEAD or the ref it names. In a linked worktree HEAD
+    // is the worktree's own and the refs are in the common directory. Only existing files are
+    // watched: cargo counts a missing one as changed, and would rebuild the proxy every time.
+    let git_path = |arg: &str| {
+        Command::new("git")
+            .args(["rev-parse", arg])
+            .output()
+            .ok()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    if let (Some(dir), Some(common)) = (git_path("--git-dir"), git_path("--git-common-dir")) {
+        let head = Path::new(&dir).join("HEAD");
+        let mut watched = vec![head.clone(), Path::new(&common).join("packed-refs")];
+        if let Ok(text) = std::fs::read_to_string(&head)
+            && let Some(reference) = text.trim().strip_prefix("ref: ")
         {
-            println!("cargo::rerun-if-changed={common}/{reference}");
+            watched.push(Path::new(&common).join(reference));
+        }
+        for file in watched.iter().filter(|f| f.exists()) {
+            println!("cargo::rerun-if-changed={}", file.display());
         }
     }
     String::from_utf8_lossy(&output.stdout).trim().to_owned()

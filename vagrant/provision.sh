@@ -1,14 +1,16 @@
 #!/bin/bash
 # Provisions the proxy appliance inside the Vagrant VM (Debian 12), as root:
-#   toolchain and build (or binaries from the synced folder), the systemd units of
-#   deploy/systemd exactly as shipped, Prometheus, Alertmanager and Grafana with monitoring/,
-#   then the CA exported to the host through the synced folder.
+#   the proxy's Debian package (built on the host, or here), which installs the binary, the
+#   units of deploy/systemd and the monitoring files; the VM's own settings; Prometheus,
+#   Alertmanager and Grafana with the package's monitoring files; then the CA exported to
+#   the host through the synced folder.
 #
 # Idempotent: every step checks before it acts, so a second run changes nothing and says so
 # on its last line ("provisioning changed nothing"). Switches (set on the host, passed on by
 # the Vagrantfile):
-#   PROXY_VM_PREBUILT=1  use vagrant/bin/proxy from the synced folder instead of building
-#                        (a CI VM reaches no crates.io, and compiling under emulation is slow)
+#   PROXY_VM_PREBUILT=1  install the newest vagrant/bin/proxy_*_amd64.deb from the synced
+#                        folder instead of building (a CI VM reaches no crates.io, and
+#                        compiling under emulation is slow)
 #   PROXY_VM_GRAFANA=0   skip Grafana (its apt repository is not the Debian mirror)
 set -euo pipefail
 
@@ -17,7 +19,10 @@ OUT=$SRC/vagrant/out
 PREBUILT=${PROXY_VM_PREBUILT:-0}
 GRAFANA=${PROXY_VM_GRAFANA:-1}
 BUILD_DIR=/var/cache/proxy-build
-BIN=/usr/local/bin/proxy
+# The package installed last and the one before it, for the rollback.
+KEEP=/var/lib/proxy-provision
+BIN=/usr/bin/proxy
+SHARE=/usr/share/proxy/monitoring
 UNIT_DIR=/etc/systemd/system
 MONITORING=/etc/proxy/monitoring
 export DEBIAN_FRONTEND=noninteractive
@@ -103,14 +108,31 @@ step "base packages"
 [ -d "$SRC/deploy/systemd" ] || die "$SRC/deploy/systemd not found: is the project synced to $SRC?"
 packages ca-certificates curl openssl
 
-step "proxy binary"
+# The newest of the packages given (dpkg's version order).
+newest_deb() {
+    local best="" deb
+    for deb in "$@"; do
+        [ -f "$deb" ] || continue
+        if [ -z "$best" ] || dpkg --compare-versions "$(dpkg-deb -f "$deb" Version)" gt "$(dpkg-deb -f "$best" Version)"; then
+            best=$deb
+        fi
+    done
+    [ -n "$best" ] && echo "$best"
+}
+
+# What a package holds, whatever the time stamps of its build: version and file checksums.
+deb_id() {
+    dpkg-deb -f "$1" Version
+    dpkg-deb -I "$1" md5sums
+}
+
+step "proxy package"
 if [ "$PREBUILT" = 1 ]; then
-    NEW=$SRC/vagrant/bin/proxy
-    [ -x "$NEW" ] || die "PROXY_VM_PREBUILT=1 but $NEW is missing: build it on the host (cargo xtask build-ebpf, then PROXY_EBPF_OBJECT=target/bpf/bpfel-unknown-none/release/proxy-ebpf cargo build --release -p proxy) and copy target/release/proxy there"
-    echo "   using the prebuilt $NEW"
+    DEB=$(newest_deb "$SRC"/vagrant/bin/proxy_*_amd64.deb) || die "PROXY_VM_PREBUILT=1 but there is no vagrant/bin/proxy_*_amd64.deb: build it on the host with cargo xtask package --out-dir vagrant/bin"
+    echo "   using the prebuilt $DEB"
 else
-    # toolchain.md: Debian's rustc-web/cargo-web (1.96) build both sides; bpf-linker from
-    # crates.io against LLVM 22.
+    # Debian's rustc-web/cargo-web (1.96) build both sides; bpf-linker from
+    # crates.io against LLVM 22; cargo xtask package installs cargo-deb.
     packages build-essential cargo-web rustc-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev libzstd-dev
     if [ -x /root/.cargo/bin/bpf-linker ] && /root/.cargo/bin/bpf-linker --version | grep -q ' 0\.13\.0'; then
         unchanged "bpf-linker 0.13.0"
@@ -121,50 +143,48 @@ else
     fi
     export PATH=/root/.cargo/bin:$PATH CARGO_TARGET_DIR=$BUILD_DIR/target
     # Cargo builds nothing when nothing changed; the source stays read-only in the synced folder.
-    (cd "$SRC" && cargo xtask build-ebpf)
-    (cd "$SRC" && PROXY_EBPF_OBJECT=$CARGO_TARGET_DIR/bpf/bpfel-unknown-none/release/proxy-ebpf \
-        cargo build --release --locked -p proxy)
-    NEW=$CARGO_TARGET_DIR/release/proxy
+    (cd "$SRC" && cargo xtask package --no-check --out-dir "$BUILD_DIR/debian")
+    DEB=$(newest_deb "$BUILD_DIR"/debian/proxy_*_amd64.deb) || die "cargo xtask package wrote no package"
 fi
 PROXY_UPDATED=0
-if [ -f "$BIN" ] && cmp -s "$NEW" "$BIN"; then
-    unchanged "$BIN"
+if dpkg-query -W -f='${Status}' proxy 2>/dev/null | grep -q ' installed$' &&
+    [ -f "$KEEP/current.deb" ] && [ "$(deb_id "$DEB")" = "$(deb_id "$KEEP/current.deb")" ]; then
+    unchanged "proxy $(dpkg-query -W -f='${Version}' proxy)"
 else
-    # Canary: the new binary validates the live configuration before it replaces anything;
-    # the one it replaces is kept as proxy.previous for the rollback below.
+    # Canary: the new binary validates the live configuration before anything is replaced.
+    CANARY=$(mktemp -d)
+    dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$CANARY" ./usr/bin/proxy
     # shellcheck source=/dev/null
-    (set -a; [ ! -f /etc/proxy/proxy.env ] || . /etc/proxy/proxy.env; "$NEW" check >/dev/null) || die "the new binary rejects the configuration: $BIN left as it was"
-    [ -f "$BIN" ] && cp -p "$BIN" "$BIN.previous"
-    install -m 0755 "$NEW" "$BIN.new" && mv -f "$BIN.new" "$BIN"
-    changed "$BIN"
+    (set -a; [ ! -f /etc/proxy/proxy.env ] || . /etc/proxy/proxy.env; "$CANARY/usr/bin/proxy" check >/dev/null) ||
+        { rm -rf "$CANARY"; die "the new package's proxy rejects the configuration: nothing installed"; }
+    rm -rf "$CANARY"
+    install -d -m 0755 "$KEEP"
+    [ -f "$KEEP/current.deb" ] && mv -f "$KEEP/current.deb" "$KEEP/previous.deb"
+    # No --force-confold/--force-confdef: the VM's proxy.env is a locally edited conffile,
+    # and an upgrade whose packaged copy is unchanged keeps it without asking. A prompt would
+    # meet the end of stdin and fail here, visibly. The package's scripts enable and start
+    # proxy.socket and proxy.service, and restart the service on an upgrade.
+    dpkg -i "$DEB" </dev/null
+    cp "$DEB" "$KEEP/current.deb"
+    changed "installed proxy $(dpkg-deb -f "$DEB" Version)"
     PROXY_UPDATED=1
-    needs_restart proxy.service proxy-backend.service
+    needs_restart proxy-backend.service
 fi
 
-step "kernel settings from deploy/sysctl.d"
-put "$SRC/deploy/sysctl.d/60-proxy.conf" /etc/sysctl.d/60-proxy.conf 0644 || unchanged /etc/sysctl.d/60-proxy.conf
+step "kernel settings (the package's /usr/lib/sysctl.d/60-proxy.conf)"
+# The package applies it when installed; a VM provisioned before that gets it here.
 if [ "$(cat /proc/sys/kernel/perf_event_paranoid)" = 2 ]; then
     unchanged "kernel.perf_event_paranoid = 2"
 else
-    sysctl -q -p /etc/sysctl.d/60-proxy.conf
+    /lib/systemd/systemd-sysctl 60-proxy.conf
     changed "kernel.perf_event_paranoid = 2"
     # The observer attaches its tracepoint at start.
     needs_restart proxy.service
 fi
 
-step "systemd units from deploy/systemd"
-install -d -m 0755 /usr/local/lib/proxy
-put "$SRC/deploy/systemd/proxy-tracefs" /usr/local/lib/proxy/proxy-tracefs 0755 || unchanged proxy-tracefs
-for unit in proxy.socket proxy.service proxy-backend.service; do
-    if put "$SRC/deploy/systemd/$unit" "$UNIT_DIR/$unit" 0644; then
-        RELOAD=1
-        needs_restart "$unit"
-    else
-        unchanged "$unit"
-    fi
-done
-# The VM's own settings: redirects name the host's forwarded port 8443; GET / goes to the
-# backend. Everything else is the shipped default.
+step "the VM's settings"
+# Redirects name the host's forwarded port 8443; GET / goes to the backend. Everything else
+# is the shipped default.
 if put_text /etc/proxy/proxy.env 0644 <<'ENV'
 # Written by vagrant/provision.sh: PROXY_* settings of proxy.service (see `proxy serve --help`).
 PROXY_PUBLIC_HTTPS_PORT=8443
@@ -172,10 +192,10 @@ PROXY_UPSTREAM=http://127.0.0.1:8080
 ENV
 then needs_restart proxy.service; else unchanged /etc/proxy/proxy.env; fi
 
-step "monitoring configuration from monitoring/"
+step "monitoring configuration from the package ($SHARE)"
 for f in prometheus/prometheus.yml prometheus/rules/recording.yml prometheus/rules/alerts.yml \
     alertmanager/alertmanager.yml; do
-    if put "$SRC/monitoring/$f" "$MONITORING/$f" 0644; then
+    if put "$SHARE/$f" "$MONITORING/$f" 0644; then
         case $f in
             prometheus/*) needs_restart prometheus.service ;;
             alertmanager/*) needs_restart prometheus-alertmanager.service ;;
@@ -187,7 +207,7 @@ done
 # Drop-ins first, so that the packages' first start already uses 9091/9093 (9090 is the
 # proxy's admin listener), then the VM's own drop-ins that open them to the forwarded ports.
 for unit in prometheus prometheus-alertmanager grafana-server; do
-    for pair in "$SRC/deploy/systemd/$unit.service.d/proxy.conf:proxy.conf" \
+    for pair in "$SHARE/systemd/$unit.service.d/proxy.conf:proxy.conf" \
         "$SRC/vagrant/systemd/$unit.service.d/vagrant.conf:vagrant.conf"; do
         if put "${pair%%:*}" "$UNIT_DIR/$unit.service.d/${pair##*:}" 0644; then
             RELOAD=1
@@ -203,7 +223,7 @@ fi
 packages prometheus prometheus-alertmanager
 
 if [ "$GRAFANA" = 1 ]; then
-    step "Grafana from its official repository, provisioned from monitoring/grafana"
+    step "Grafana from its official repository, provisioned from the package's grafana/"
     install -d -m 0755 /etc/apt/keyrings
     if [ -s /etc/apt/keyrings/grafana.asc ]; then
         unchanged /etc/apt/keyrings/grafana.asc
@@ -220,20 +240,20 @@ Signed-By: /etc/apt/keyrings/grafana.asc
 SOURCES
     then APT_UPDATED=0; else unchanged grafana.sources; fi
     packages grafana
-    if put "$SRC/monitoring/grafana/provisioning/datasources/prometheus.yml" \
+    if put "$SHARE/grafana/provisioning/datasources/prometheus.yml" \
         /etc/grafana/provisioning/datasources/proxy-prometheus.yml 0644; then
         needs_restart grafana-server.service
     else
         unchanged datasource
     fi
-    if put "$SRC/monitoring/grafana/provisioning/dashboards/dashboards.yml" \
+    if put "$SHARE/grafana/provisioning/dashboards/dashboards.yml" \
         /etc/grafana/provisioning/dashboards/proxy.yml 0644; then
         needs_restart grafana-server.service
     else
         unchanged "dashboard provider"
     fi
     # The provider re-reads this directory every 30 s: no restart for a dashboard change.
-    for f in "$SRC"/monitoring/grafana/dashboards/*.json; do
+    for f in "$SHARE"/grafana/dashboards/*.json; do
         put "$f" "/var/lib/grafana/dashboards/proxy/$(basename "$f")" 0644 || unchanged "$(basename "$f")"
     done
 else
@@ -243,11 +263,6 @@ fi
 step "services"
 UNITS=(proxy-backend.service proxy.socket proxy.service prometheus.service prometheus-alertmanager.service)
 [ "$GRAFANA" = 1 ] && UNITS+=(grafana-server.service)
-if [[ " ${RESTART[*]} " == *" proxy.socket "* ]] && systemctl is-active --quiet proxy.socket; then
-    # systemd refuses to restart a socket whose service runs: stop both, start below.
-    systemctl stop proxy.service proxy.socket
-    changed "stopped proxy.socket and proxy.service for the new socket unit"
-fi
 for unit in $(printf '%s\n' "${RESTART[@]}" | sort -u); do
     if [[ " ${UNITS[*]} " == *" $unit "* ]] && systemctl is-active --quiet "$unit"; then
         systemctl restart "$unit"
@@ -257,11 +272,12 @@ done
 enable_now "${UNITS[@]}"
 
 if ! wait_ready http://127.0.0.1:9090/readyz 60; then
-    if [ "$PROXY_UPDATED" = 1 ] && [ -f "$BIN.previous" ]; then
-        # Rollback: the new binary did not become ready; the previous one serves again.
-        mv -f "$BIN.previous" "$BIN"
-        systemctl restart proxy.service
-        die "the new proxy did not become ready within 60 s; rolled back to the previous binary (journalctl -u proxy)"
+    if [ "$PROXY_UPDATED" = 1 ] && [ -f "$KEEP/previous.deb" ]; then
+        # Rollback: the new package did not become ready; the previous one serves again (a
+        # downgrade, which dpkg allows; its postinst restarts proxy.service).
+        dpkg -i "$KEEP/previous.deb" </dev/null
+        mv -f "$KEEP/previous.deb" "$KEEP/current.deb"
+        die "the new proxy did not become ready within 60 s; rolled back to proxy $(dpkg-deb -f "$KEEP/current.deb" Version) (journalctl -u proxy)"
     fi
     die "the proxy did not become ready within 60 s (journalctl -u proxy)"
 fi

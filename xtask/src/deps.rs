@@ -27,6 +27,8 @@ pub(crate) const PACKAGES: &[&str] = &[
     "slowhttptest", // 1000 slowloris connections against the proxy (tests/tests/hostile.rs)
     "testssl.sh", // `testssl`: the soak's TLS scan, HIGH/CRITICAL findings fail it
     "groff-base", // `groff`: the manual pages render without a warning
+    "man-db",     // `man -l`: the packaged manual pages render (cargo xtask package)
+    "lintian",    // Debian's package checks (cargo xtask package)
 ];
 
 /// Makes sure every package of [`PACKAGES`] is installed, installing what is missing when this

@@ -10,6 +10,7 @@ mod exec;
 mod fuzz;
 mod mixin;
 mod monitoring;
+mod package;
 mod privilege;
 mod pypi;
 mod run;
@@ -49,6 +50,9 @@ enum Task {
     /// Run the reliability and security battery at full length (under 20 minutes) and print
     /// every check with its figure as a markdown table.
     Soak(soak::Options),
+    /// Build the Debian package (cargo-deb): the release proxy with its eBPF object, units,
+    /// settings, man pages, completions and monitoring files; then inspect it and run lintian.
+    Package(package::Options),
     /// Boot vagrant/Vagrantfile in a VM (libvirt, in a private network namespace) and check
     /// the appliance through its forwarded ports.
     VmTest(vm_test::Options),
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Task::Bench(opts) => bench::bench(opts),
         Task::Soak(opts) => soak::soak(opts),
         Task::VmTest(opts) => vm_test::vm_test(opts),
+        Task::Package(opts) => package::package(opts),
         Task::ContainerTest(opts) => container_test::container_test(opts),
         Task::Monitoring => match monitoring::monitoring() {
             Ok(()) => ExitCode::SUCCESS,

@@ -190,8 +190,13 @@ fn guest_metrics(lab: &Lab) -> Result<Metrics> {
 
 /// Runs `command` in the VM with `vagrant ssh`; returns its standard output.
 pub(super) fn ssh(lab: &Lab, command: &str) -> Result<String> {
+    ssh_limited(lab, command, SSH_LIMIT)
+}
+
+/// [`ssh`] for a command that may take longer than its usual limit.
+pub(super) fn ssh_limited(lab: &Lab, command: &str, limit: Duration) -> Result<String> {
     let out = lab
-        .vagrant(SSH_LIMIT)
+        .vagrant(limit)
         .args(["ssh", "-c", command, "--", "-T"])
         .output()
         .context("failed to run vagrant ssh")?;

@@ -9,7 +9,13 @@
 //! - the proxy in the VM reports `proxy_ebpf_attached 1` and its kernel connection counts rise by
 //!   exactly the number of requests made through the forwards;
 //! - Prometheus in the VM has the proxy target up and its kernel metrics; Alertmanager is ready;
-//! - a second `vagrant provision` succeeds and changes nothing.
+//! - a second `vagrant provision` succeeds and changes nothing;
+//! - the package's life and the units under faults ([`lifecycle`]): an upgrade through
+//!   provisioning, restart, reload and `kill -9` under load, a broken reload, `dpkg -r` and
+//!   reinstall, `dpkg --purge`.
+//!
+//! Provisioning installs the package built on this host (`cargo xtask package`, revision 1,
+//! in `vagrant/bin`); the upgrade is a rebuild with revision 2.
 //!
 //! Everything runs in a private network namespace (see [`lab`]); the guest reaches only the
 //! Debian mirror. Needs root and about 4 GB of disk under the work directory.
@@ -17,6 +23,7 @@
 mod appliance;
 mod base_box;
 mod lab;
+mod lifecycle;
 
 use std::cell::RefCell;
 use std::fs;
@@ -27,7 +34,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use proxy_testkit::phase::{self, Phase};
 
-use crate::{deps, ebpf, exec, exec::exec, privilege, workspace};
+use crate::{deps, exec, exec::exec, package, privilege, workspace};
 use lab::Lab;
 
 /// Options of `cargo xtask vm-test`.
@@ -89,7 +96,7 @@ pub(crate) fn vm_test(opts: Options) -> ExitCode {
     let up_log = RefCell::new(String::new());
     let phases = vec![
         Phase::new("host packages", install_host_packages),
-        Phase::new("proxy binary", build_proxy_for_vm),
+        Phase::new("proxy packages", || build_packages_for_vm(&work)),
         Phase::new("base box", || register_box(&work)),
         Phase::new("libvirt", || {
             *lab.borrow_mut() = Some(Lab::start(&work, &mirror_host(&mirror()), opts.keep)?);
@@ -107,11 +114,7 @@ pub(crate) fn vm_test(opts: Options) -> ExitCode {
             let lab = lab.as_ref().context("no lab")?;
             let checked = appliance::check(lab, &up_log.borrow(), &work);
             if checked.is_err() {
-                // What the proxy said about it, for the CI log.
-                match appliance::ssh(lab, "sudo journalctl -u proxy.service --no-pager -n 40") {
-                    Ok(journal) => println!("journal of proxy.service in the VM:\n{journal}"),
-                    Err(e) => println!("(no journal from the VM: {e:#})"),
-                }
+                print_journal(lab);
             }
             checked
         }),
@@ -130,6 +133,35 @@ pub(crate) fn vm_test(opts: Options) -> ExitCode {
             );
             println!("second provision: {}", strip_vagrant_prefix(last));
             Ok(())
+        }),
+        Phase::new("upgrade", || {
+            let lab = lab.borrow();
+            let lab = lab.as_ref().context("no lab")?;
+            lifecycle::upload_script(lab, &work)?;
+            let before = lifecycle::before_upgrade(lab)?;
+            // The rebuild joins the first package in vagrant/bin; provisioning takes the newest.
+            let deb = upgrade_deb(&work);
+            let name = deb.file_name().context("package name")?;
+            fs::copy(&deb, vm_packages_dir().join(name))?;
+            capture(lab.vagrant(VM_LIMIT).arg("rsync"))?;
+            let log = capture(lab.vagrant(VM_LIMIT).arg("provision"))?;
+            lifecycle::check_upgrade(lab, &before, &log)
+        }),
+        Phase::new("faults", || {
+            let lab = lab.borrow();
+            let lab = lab.as_ref().context("no lab")?;
+            let checked = lifecycle::faults(lab);
+            if checked.is_err() {
+                print_journal(lab);
+            }
+            checked
+        }),
+        Phase::new("remove and purge", || {
+            let lab = lab.borrow();
+            let lab = lab.as_ref().context("no lab")?;
+            let deb = upgrade_deb(&work);
+            let name = deb.file_name().context("package name")?.to_string_lossy();
+            lifecycle::remove_and_purge(lab, &format!("/proxy-src/vagrant/bin/{name}"))
         }),
         Phase::new("destroy", || {
             drop(lab.borrow_mut().take());
@@ -189,18 +221,35 @@ fn enable_backports() -> Result<()> {
     exec(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=300", "update", "-q"]))
 }
 
-/// The release proxy with its kernel program, where provisioning looks for it
-/// (`PROXY_VM_PREBUILT=1`): the guest reaches no crates.io, and compiling under emulation
-/// would take an hour.
-fn build_proxy_for_vm() -> Result<()> {
-    ebpf::build()?;
-    exec(workspace::cargo().args(["build", "--release", "--locked", "-p", "proxy"]))?;
-    let dest = workspace::root().join("vagrant/bin/proxy");
-    fs::create_dir_all(dest.parent().context("vagrant/bin")?)?;
-    fs::copy(workspace::proxy_bin(true), &dest)
-        .with_context(|| format!("failed to copy the proxy to {}", dest.display()))?;
-    println!("proxy for the VM: {}", dest.display());
+/// The package, where provisioning looks for it (`PROXY_VM_PREBUILT=1`; the guest reaches no
+/// crates.io, and compiling under emulation would take an hour), and its rebuild with a higher
+/// revision for the upgrade, kept aside until then.
+fn build_packages_for_vm(work: &Path) -> Result<()> {
+    let dir = vm_packages_dir();
+    if dir.exists() {
+        // Only this run's packages: provisioning installs the newest it finds.
+        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    package::build("1", &dir)?;
+    package::build("2", &work.join("upgrade"))?;
     Ok(())
+}
+
+fn vm_packages_dir() -> PathBuf {
+    workspace::root().join("vagrant/bin")
+}
+
+fn upgrade_deb(work: &Path) -> PathBuf {
+    work.join("upgrade")
+        .join(format!("proxy_{}_amd64.deb", package::version("2")))
+}
+
+/// What the proxy said, for the CI log of a failed check.
+fn print_journal(lab: &Lab) {
+    match appliance::ssh(lab, "sudo journalctl -u proxy.service --no-pager -n 60") {
+        Ok(journal) => println!("journal of proxy.service in the VM:\n{journal}"),
+        Err(e) => println!("(no journal from the VM: {e:#})"),
+    }
 }
 
 fn register_box(work: &Path) -> Result<()> {
