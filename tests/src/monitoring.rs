@@ -231,3 +231,146 @@ fn body_complete(buf: &[u8]) -> bool {
         .unwrap_or(0);
     body.len() >= length
 }
+
+/// Whether the monitoring tools are installed; skips loudly, or fails under PROXY_E2E_REQUIRE.
+pub fn tools_present(test: &str) -> bool {
+    let tools = [
+        "promtool",
+        "amtool",
+        "yamllint",
+        "prometheus",
+        "prometheus-alertmanager",
+    ];
+    tools.iter().all(|tool| crate::on_path(tool))
+        || crate::skip(
+            test,
+            "needs Prometheus, Alertmanager and yamllint (apt-get install prometheus \
+             prometheus-alertmanager yamllint; `cargo xtask test` installs them)",
+        )
+}
+
+/// The YAML files of `dir`, sorted.
+pub fn files(dir: &Path) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.ends_with(".yml") || p.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// A shipped dashboard of `monitoring/grafana/dashboards`, parsed.
+pub fn dashboard(file: &str) -> serde_json::Value {
+    let path = monitoring_dir().join("grafana/dashboards").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// Every panel of `dashboard`, those inside rows included.
+pub fn all_panels(dashboard: &serde_json::Value) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut stack: Vec<serde_json::Value> =
+        dashboard["panels"].as_array().cloned().unwrap_or_default();
+    while let Some(panel) = stack.pop() {
+        stack.extend(panel["panels"].as_array().cloned().unwrap_or_default());
+        out.push(panel);
+    }
+    out
+}
+
+/// (panel title, expr) of every query target.
+pub fn targets(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+    all_panels(dashboard)
+        .iter()
+        .flat_map(|panel| {
+            let title = panel["title"].as_str().unwrap_or_default().to_owned();
+            panel["targets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(move |t| t["expr"].as_str().map(|e| (title.clone(), e.to_owned())))
+        })
+        .collect()
+}
+
+/// The `label="value"` matchers of the PromQL in `text` (equality only: `=~`, `!=` and
+/// `!~` are left out).
+pub fn equality_matchers(text: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("=\"") {
+        let eq = i + at;
+        i = eq + 2;
+        // The label name right before `=`, itself right after `{` or `,` (and spaces).
+        let name_start = text[..eq]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(0, |p| p + 1);
+        let name = &text[name_start..eq];
+        let before = text[..name_start].trim_end();
+        if name.is_empty() || !(before.ends_with('{') || before.ends_with(',')) {
+            continue;
+        }
+        if eq > 0 && matches!(bytes[eq - 1], b'!' | b'~') {
+            continue;
+        }
+        let Some(len) = text[i..].find('"') else {
+            break;
+        };
+        found.push((name.to_owned(), text[i..i + len].to_owned()));
+        i += len + 1;
+    }
+    found
+}
+
+/// The dashboard's template variables.
+pub fn variable_names(dashboard: &serde_json::Value) -> Vec<String> {
+    dashboard["templating"]["list"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The query as Grafana would send it for "All" of every variable over the last minutes.
+pub fn grafana_to_promql(expr: &str, variables: &[String]) -> String {
+    let mut expr = expr
+        .replace("$__rate_interval", "1m")
+        .replace("${__rate_interval}", "1m")
+        .replace("$__interval", "15s")
+        .replace("$__range", "5m");
+    // Longest names first, so that `$instance` never eats part of `$instance_group`.
+    let mut variables = variables.to_vec();
+    variables.sort_by_key(|name| std::cmp::Reverse(name.len()));
+    for name in variables {
+        for form in [
+            format!("${{{name}:regex}}"),
+            format!("${{{name}:pipe}}"),
+            format!("${{{name}}}"),
+            format!("${name}"),
+        ] {
+            expr = expr.replace(&form, ".*");
+        }
+    }
+    expr
+}
+
+/// The values of `label` in the result of `expr` (one label kept, e.g. by `count by`).
+pub fn query_labels(ns: &NetNs, expr: &str, label: &str) -> Vec<String> {
+    let mut values: Vec<String> = query(ns, expr)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .filter_map(|(labels, _)| {
+            labels
+                .strip_prefix(&format!("{label}="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .collect();
+    values.sort();
+    values
+}
