@@ -45,6 +45,18 @@ pub(crate) fn curl(mut curl: Command, args: &[&str]) -> Result<Answer> {
     })
 }
 
+/// Checks that plain HTTP at `url` is redirected (308) to exactly `location`, with `curl`
+/// (built by the caller for its namespace), and says so.
+pub(crate) fn expect_redirect(curl_cmd: Command, url: &str, location: &str) -> Result<()> {
+    let redirect = curl(curl_cmd, &[url])?;
+    ensure!(
+        redirect.status == 308 && redirect.location == location,
+        "{url} answered {redirect:?}"
+    );
+    println!("ok: {url} -> 308 {}", redirect.location);
+    Ok(())
+}
+
 /// The SHA-256 fingerprint of a PEM certificate, as uppercase hex without separators.
 pub(crate) fn ca_fingerprint(ca: &Path) -> Result<String> {
     let out = Command::new("openssl")

@@ -162,15 +162,11 @@ fn first_run(ns: &NetNs, site: &Site, work: &Path) -> Result<String> {
     );
     println!("ok: without the CA, curl refuses the certificate");
 
-    let redirect = client::curl(ns.command("curl"), &["http://localhost/status?probe=1"])?;
-    ensure!(
-        redirect.status == 308 && redirect.location == "https://localhost/status?probe=1",
-        "http://localhost/status?probe=1 answered {redirect:?}"
-    );
-    println!(
-        "ok: http://localhost/status?probe=1 -> 308 {}",
-        redirect.location
-    );
+    client::expect_redirect(
+        ns.command("curl"),
+        "http://localhost/status?probe=1",
+        "https://localhost/status?probe=1",
+    )?;
 
     let before = metrics(ns)?;
     let attached: Vec<String> = before

@@ -64,15 +64,11 @@ pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
     );
     println!("ok: without the CA, curl refuses the certificate ({untrusted})");
 
-    let redirect = curl(lab, &["http://localhost:8080/status?probe=1"])?;
-    ensure!(
-        redirect.status == 308 && redirect.location == "https://localhost:8443/status?probe=1",
-        "http://localhost:8080/status?probe=1 answered {redirect:?}"
-    );
-    println!(
-        "ok: http://localhost:8080/status?probe=1 -> 308 {}",
-        redirect.location
-    );
+    client::expect_redirect(
+        lab.command("curl"),
+        "http://localhost:8080/status?probe=1",
+        "https://localhost:8443/status?probe=1",
+    )?;
 
     let before = guest_metrics(lab)?;
     let attached: Vec<String> = before
