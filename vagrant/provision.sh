@@ -12,12 +12,23 @@
 #                        folder instead of building (a CI VM reaches no crates.io, and
 #                        compiling under emulation is slow)
 #   PROXY_VM_GRAFANA=0   skip Grafana (its apt repository is not the Debian mirror)
+#   PROXY_VM_HOST_PORT_{HTTP,HTTPS,GRAFANA,PROMETHEUS,ALERTMANAGER}
+#                        the host ports the Vagrantfile forwards (8080, 8443, 3000, 9091,
+#                        9093 unless one was busy): redirects name the HTTPS one
 set -euo pipefail
 
 SRC=${PROXY_VM_SRC:-/proxy-src}
 OUT=$SRC/vagrant/out
 PREBUILT=${PROXY_VM_PREBUILT:-0}
 GRAFANA=${PROXY_VM_GRAFANA:-1}
+HTTP_PORT=${PROXY_VM_HOST_PORT_HTTP:-8080}
+HTTPS_PORT=${PROXY_VM_HOST_PORT_HTTPS:-8443}
+GRAFANA_PORT=${PROXY_VM_HOST_PORT_GRAFANA:-3000}
+PROMETHEUS_PORT=${PROXY_VM_HOST_PORT_PROMETHEUS:-9091}
+ALERTMANAGER_PORT=${PROXY_VM_HOST_PORT_ALERTMANAGER:-9093}
+for port in "$HTTP_PORT" "$HTTPS_PORT" "$GRAFANA_PORT" "$PROMETHEUS_PORT" "$ALERTMANAGER_PORT"; do
+    [[ $port =~ ^[0-9]+$ ]] || { echo "provision: host port $port is not a number" >&2; exit 1; }
+done
 BUILD_DIR=/var/cache/proxy-build
 # The package installed last and the one before it, for the rollback.
 KEEP=/var/lib/proxy-provision
@@ -88,17 +99,20 @@ enable_now() {
         fi
         if systemctl is-active --quiet "$unit"; then
             unchanged "$unit active"
-        else
-            systemctl start "$unit"
+        elif systemctl start "$unit"; then
             changed "started $unit"
+        else
+            echo "   failed: start $unit (journalctl -u $unit)"
         fi
     done
 }
 
 wait_ready() {  # URL SECONDS
-    local i
-    for ((i = 0; i < $2; i++)); do
-        curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    # Each try is bounded: a socket-activated port whose service cannot start accepts the
+    # connection into the kernel's queue and never answers.
+    local deadline=$((SECONDS + $2))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        curl -fsS --max-time 5 -o /dev/null "$1" 2>/dev/null && return 0
         sleep 1
     done
     return 1
@@ -124,6 +138,16 @@ newest_deb() {
 deb_id() {
     dpkg-deb -f "$1" Version
     dpkg-deb -I "$1" md5sums
+}
+
+# dpkg -i without a prompt. The VM's /etc/proxy/proxy.env is a conffile this script edits
+# (below): a package with a changed default keeps the VM's file and leaves its own beside it
+# as proxy.env.dpkg-dist, which is said.
+install_deb() {
+    dpkg -i --force-confdef --force-confold "$1" </dev/null
+    if [ -f /etc/proxy/proxy.env.dpkg-dist ]; then
+        echo "   note: proxy $(dpkg-deb -f "$1" Version) ships a changed /etc/proxy/proxy.env; the VM's settings were kept, the package's defaults are in /etc/proxy/proxy.env.dpkg-dist"
+    fi
 }
 
 step "proxy package"
@@ -160,11 +184,9 @@ else
     rm -rf "$CANARY"
     install -d -m 0755 "$KEEP"
     [ -f "$KEEP/current.deb" ] && mv -f "$KEEP/current.deb" "$KEEP/previous.deb"
-    # No --force-confold/--force-confdef: the VM's proxy.env is a locally edited conffile,
-    # and an upgrade whose packaged copy is unchanged keeps it without asking. A prompt would
-    # meet the end of stdin and fail here, visibly. The package's scripts enable and start
-    # proxy.socket and proxy.service, and restart the service on an upgrade.
-    dpkg -i "$DEB" </dev/null
+    # The package's scripts enable and start proxy.socket and proxy.service, and restart the
+    # service on an upgrade.
+    install_deb "$DEB"
     cp "$DEB" "$KEEP/current.deb"
     changed "installed proxy $(dpkg-deb -f "$DEB" Version)"
     PROXY_UPDATED=1
@@ -183,11 +205,11 @@ else
 fi
 
 step "the VM's settings"
-# Redirects name the host's forwarded port 8443; GET / goes to the backend. Everything else
+# Redirects name the host's forwarded HTTPS port; GET / goes to the backend. Everything else
 # is the shipped default.
-if put_text /etc/proxy/proxy.env 0644 <<'ENV'
-# Written by vagrant/provision.sh: PROXY_* settings of proxy.service (see `proxy serve --help`).
-PROXY_PUBLIC_HTTPS_PORT=8443
+if put_text /etc/proxy/proxy.env 0644 <<ENV
+# Written by vagrant/provision.sh: PROXY_* settings of proxy.service (see \`proxy serve --help\`).
+PROXY_PUBLIC_HTTPS_PORT=$HTTPS_PORT
 PROXY_UPSTREAM=http://127.0.0.1:8080
 ENV
 then needs_restart proxy.service; else unchanged /etc/proxy/proxy.env; fi
@@ -263,10 +285,15 @@ fi
 step "services"
 UNITS=(proxy-backend.service proxy.socket proxy.service prometheus.service prometheus-alertmanager.service)
 [ "$GRAFANA" = 1 ] && UNITS+=(grafana-server.service)
+# A unit that fails to (re)start is reported here and judged by the readiness checks below,
+# which roll a new proxy package back.
 for unit in $(printf '%s\n' "${RESTART[@]}" | sort -u); do
     if [[ " ${UNITS[*]} " == *" $unit "* ]] && systemctl is-active --quiet "$unit"; then
-        systemctl restart "$unit"
-        changed "restarted $unit"
+        if systemctl restart "$unit"; then
+            changed "restarted $unit"
+        else
+            echo "   failed: restart $unit (journalctl -u $unit)"
+        fi
     fi
 done
 enable_now "${UNITS[@]}"
@@ -274,10 +301,16 @@ enable_now "${UNITS[@]}"
 if ! wait_ready http://127.0.0.1:9090/readyz 60; then
     if [ "$PROXY_UPDATED" = 1 ] && [ -f "$KEEP/previous.deb" ]; then
         # Rollback: the new package did not become ready; the previous one serves again (a
-        # downgrade, which dpkg allows; its postinst restarts proxy.service).
-        dpkg -i "$KEEP/previous.deb" </dev/null
+        # downgrade, which dpkg allows; its postinst restarts proxy.service, which may have
+        # hit its start limit meanwhile).
+        NEW_VERSION=$(dpkg-query -W -f='${Version}' proxy)
+        systemctl reset-failed proxy.service || true
+        install_deb "$KEEP/previous.deb"
         mv -f "$KEEP/previous.deb" "$KEEP/current.deb"
-        die "the new proxy did not become ready within 60 s; rolled back to proxy $(dpkg-deb -f "$KEEP/current.deb" Version) (journalctl -u proxy)"
+        OLD_VERSION=$(dpkg-deb -f "$KEEP/current.deb" Version)
+        wait_ready http://127.0.0.1:9090/readyz 60 ||
+            die "proxy $NEW_VERSION did not become ready within 60 s; rolled back to proxy $OLD_VERSION, which is not ready either (journalctl -u proxy)"
+        die "proxy $NEW_VERSION did not become ready within 60 s; rolled back to proxy $OLD_VERSION, which serves (journalctl -u proxy)"
     fi
     die "the proxy did not become ready within 60 s (journalctl -u proxy)"
 fi
@@ -292,16 +325,19 @@ install -d -m 0755 "$OUT"
 put /var/lib/proxy/ca.pem "$OUT/proxy-ca.pem" 0644 || unchanged "$OUT/proxy-ca.pem"
 FINGERPRINT=$("$BIN" ca export --state-dir /var/lib/proxy | sed -n 's/^SHA-256 Fingerprint: *//p')
 printf '%s\n' "$FINGERPRINT" | put_text "$OUT/proxy-ca.sha256" 0644 || unchanged "$OUT/proxy-ca.sha256"
-ATTACHED=$(curl -fsS http://127.0.0.1:9090/metrics | sed -n 's/^proxy_ebpf_attached{program="\(.*\)"} \(.*\)/\1=\2/p' | paste -sd ' ')
+ATTACHED=$(curl -fsS --max-time 10 http://127.0.0.1:9090/metrics | sed -n 's/^proxy_ebpf_attached{program="\(.*\)"} \(.*\)/\1=\2/p' | paste -sd ' ')
+URLS=$(printf '  %-30s %s\n' \
+    "https://localhost:$HTTPS_PORT/" "Hello SRE! (through the backend)" \
+    "http://localhost:$HTTP_PORT/" "308 to https://localhost:$HTTPS_PORT/" \
+    "http://localhost:$GRAFANA_PORT/" 'Grafana (admin/admin the first time), folder "Proxy"' \
+    "http://localhost:$PROMETHEUS_PORT/" "Prometheus (targets, rules, alerts)" \
+    "http://localhost:$ALERTMANAGER_PORT/" "Alertmanager")
+[ "$GRAFANA" = 1 ] || URLS=$(grep -v Grafana <<<"$URLS")
 
 cat <<MSG
 
 The proxy appliance is up (kernel observer: ${ATTACHED:-unknown}).
-  https://localhost:8443/        Hello SRE! (through the backend)
-  http://localhost:8080/         308 to https://localhost:8443/
-  http://localhost:3000/         Grafana (admin/admin the first time), folder "Proxy"
-  http://localhost:9091/         Prometheus (targets, rules, alerts)
-  http://localhost:9093/         Alertmanager
+$URLS
 CA certificate: vagrant/out/proxy-ca.pem on the host
   SHA-256 Fingerprint: $FINGERPRINT
   trust it: vagrant/host/trust-ca-windows.ps1 (Windows), vagrant/host/trust-ca-macos.sh (macOS);

@@ -43,7 +43,7 @@ case ${1:-} in
             echo "already trusted in $keychain"
         else
             sudo security add-trusted-cert -d -r trustRoot -k "$keychain" "$pem"
-            echo "trusted in $keychain: https://localhost:8443/ now verifies"
+            echo "trusted in $keychain: the VM's https://localhost URLs now verify"
         fi
         ;;
     *)

@@ -45,7 +45,7 @@ try {
         Write-Host 'already trusted in CurrentUser\Root'
     } else {
         $store.Add($cert)
-        Write-Host 'trusted in CurrentUser\Root: https://localhost:8443/ now verifies'
+        Write-Host "trusted in CurrentUser\Root: the VM's https://localhost URLs now verify"
     }
 } finally {
     $store.Close()

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use proxy_testkit::Metrics;
 
-use super::lab::Lab;
+use super::lab::{HostPorts, Lab};
 use crate::client::{self, Answer, ca_fingerprint, normalise_fingerprint};
 
 /// Requests made through each forward to check the kernel counts.
@@ -20,8 +20,45 @@ const HTTPS_REQUESTS: u64 = 5;
 const HTTP_REQUESTS: u64 = 3;
 const SSH_LIMIT: Duration = Duration::from_secs(180);
 
+/// The host port the Vagrantfile prefers for HTTPS; the test keeps it busy.
+pub(super) const PREFERRED_HTTPS_PORT: u16 = 8443;
+
+/// With [`PREFERRED_HTTPS_PORT`] busy on the host, `vagrant up` forwarded another port, said
+/// which, and left the squatter's port alone. Returns the ports forwarded.
+pub(super) fn check_ports(lab: &Lab, up_log: &str) -> Result<HostPorts> {
+    let ports = lab.host_ports()?;
+    ensure!(
+        ports.https != PREFERRED_HTTPS_PORT,
+        "the Vagrantfile forwarded the busy port {PREFERRED_HTTPS_PORT}: {ports:?}"
+    );
+    let notice = format!(
+        "host port {PREFERRED_HTTPS_PORT} (https) is in use: forwarding 127.0.0.1:{} instead",
+        ports.https
+    );
+    ensure!(
+        up_log.contains(&notice),
+        "`vagrant up` did not say {notice:?}"
+    );
+    let url = format!("https://localhost:{}/", ports.https);
+    ensure!(
+        up_log.contains(&format!("proxy appliance: {url}"))
+            && up_log.contains(&format!("  {url} ")),
+        "neither Vagrant's message nor provisioning's names {url}"
+    );
+    ensure!(
+        lab.occupant_answers(PREFERRED_HTTPS_PORT),
+        "the program on 127.0.0.1:{PREFERRED_HTTPS_PORT} no longer answers"
+    );
+    println!(
+        "ok: 127.0.0.1:{PREFERRED_HTTPS_PORT} was taken: vagrant up forwarded {url} instead, \
+         said so, and the other program still answers on {PREFERRED_HTTPS_PORT}"
+    );
+    Ok(ports)
+}
+
 /// What a user of the VM would check, through the forwarded ports.
-pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
+pub(super) fn check(lab: &Lab, ports: HostPorts, up_log: &str, work: &Path) -> Result<()> {
+    let https_url = format!("https://localhost:{}/", ports.https);
     // The CA as the README tells libvirt users to fetch it (rsync folders are one-way).
     let ca_pem = ssh(lab, "sudo cat /var/lib/proxy/ca.pem")?;
     let ca = work.join("proxy-ca.pem");
@@ -39,23 +76,20 @@ pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
     );
     println!("ok: CA fingerprint {fingerprint} matches the one provisioning printed");
 
-    let https = curl(
-        lab,
-        &["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"],
-    )?;
+    let https = curl(lab, &["--cacert", &ca.to_string_lossy(), &https_url])?;
     ensure!(
         https.status == 200
             && https.body == "Hello SRE!"
             && https.content_type.starts_with("text/plain"),
-        "https://localhost:8443/ answered {https:?}"
+        "{https_url} answered {https:?}"
     );
     println!(
-        "ok: https://localhost:8443/ -> 200 {} {:?}",
+        "ok: {https_url} -> 200 {} {:?}",
         https.content_type, https.body
     );
     let untrusted = lab
         .command("curl")
-        .args(["-sS", "-o", "/dev/null", "https://localhost:8443/"])
+        .args(["-sS", "-o", "/dev/null", &https_url])
         .stderr(Stdio::null())
         .status()?;
     ensure!(
@@ -64,10 +98,11 @@ pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
     );
     println!("ok: without the CA, curl refuses the certificate ({untrusted})");
 
+    // The redirect names the port really forwarded: provisioning passed it to the proxy.
     client::expect_redirect(
         lab.command("curl"),
-        "http://localhost:8080/status?probe=1",
-        "https://localhost:8443/status?probe=1",
+        &format!("http://localhost:{}/status?probe=1", ports.http),
+        &format!("{https_url}status?probe=1"),
     )?;
 
     let before = guest_metrics(lab)?;
@@ -81,14 +116,11 @@ pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
     );
     println!("ok: {}", attached.join(", "));
     for _ in 0..HTTPS_REQUESTS {
-        let resp = curl(
-            lab,
-            &["--cacert", &ca.to_string_lossy(), "https://localhost:8443/"],
-        )?;
+        let resp = curl(lab, &["--cacert", &ca.to_string_lossy(), &https_url])?;
         ensure!(resp.status == 200, "https request answered {resp:?}");
     }
     for _ in 0..HTTP_REQUESTS {
-        let resp = curl(lab, &["http://localhost:8080/"])?;
+        let resp = curl(lab, &[&format!("http://localhost:{}/", ports.http)])?;
         ensure!(resp.status == 308, "http request answered {resp:?}");
     }
     let expected = [("https", HTTPS_REQUESTS), ("http", HTTP_REQUESTS)];
@@ -128,11 +160,16 @@ pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
 
     let started = Instant::now();
     loop {
-        let up = prometheus_query(lab, "up{job=\"proxy\"}")?;
-        let kernel = prometheus_query(lab, "proxy_tcp_connections_total{listener=\"https\"}")?;
+        let up = prometheus_query(lab, ports, "up{job=\"proxy\"}")?;
+        let kernel = prometheus_query(
+            lab,
+            ports,
+            "proxy_tcp_connections_total{listener=\"https\"}",
+        )?;
         if up == Some(1.0) && kernel.is_some_and(|v| v > 0.0) {
             println!(
-                "ok: Prometheus (localhost:9091) has the proxy target up and its kernel metrics ({} HTTPS connections)",
+                "ok: Prometheus (localhost:{}) has the proxy target up and its kernel metrics ({} HTTPS connections)",
+                ports.prometheus,
                 kernel.unwrap_or_default()
             );
             break;
@@ -143,27 +180,26 @@ pub(super) fn check(lab: &Lab, up_log: &str, work: &Path) -> Result<()> {
         );
         std::thread::sleep(Duration::from_secs(5));
     }
-    let ready = curl(lab, &["http://localhost:9093/-/ready"])?;
+    let alertmanager = format!("localhost:{}", ports.alertmanager);
+    let ready = curl(lab, &[&format!("http://{alertmanager}/-/ready")])?;
     ensure!(
         ready.status == 200,
-        "Alertmanager (localhost:9093) is not ready: {ready:?}"
+        "Alertmanager ({alertmanager}) is not ready: {ready:?}"
     );
-    println!("ok: Alertmanager (localhost:9093) ready");
+    println!("ok: Alertmanager ({alertmanager}) ready");
     Ok(())
 }
 
 /// The value of a one-series Prometheus query, through the forwarded port.
-fn prometheus_query(lab: &Lab, query: &str) -> Result<Option<f64>> {
+fn prometheus_query(lab: &Lab, ports: HostPorts, query: &str) -> Result<Option<f64>> {
     let out = lab
         .command("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "10",
-            "http://localhost:9091/api/v1/query",
-            "--data-urlencode",
-        ])
+        .args(["-sS", "--max-time", "10", "--data-urlencode"])
         .arg(format!("query={query}"))
+        .arg(format!(
+            "http://localhost:{}/api/v1/query",
+            ports.prometheus
+        ))
         .output()
         .context("failed to run curl")?;
     if !out.status.success() {

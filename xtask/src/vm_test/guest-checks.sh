@@ -59,7 +59,7 @@ state() {
     # "/usr/bin/proxy (deleted)" while a process still runs a binary an upgrade replaced.
     echo "exe=$(readlink "/proc/$pid/exe")"
     echo "active=$(systemctl is-active proxy.socket proxy.service | paste -sd, -)"
-    echo "env_kept=$(grep -c '^PROXY_PUBLIC_HTTPS_PORT=8443$' /etc/proxy/proxy.env || true)"
+    echo "env_kept=$(grep -c '^PROXY_PUBLIC_HTTPS_PORT=[0-9]' /etc/proxy/proxy.env || true)"
     echo "dpkg_files=$(find /etc/proxy -maxdepth 1 -name '*.dpkg-*' -printf '%f ' | sed 's/ $//')"
     echo "serving=$(https_code)"
 }
@@ -152,6 +152,7 @@ remove_reinstall() {
     echo "https_after_remove=curl exit $(curl -sS -o /dev/null --max-time 5 --cacert "$CA" -w '%{exitcode}' "$URL" 2>/dev/null || true)"
     echo "ca_kept=$([ -f /var/lib/private/proxy/ca.pem ] && echo yes || echo no)"
     dpkg -i "$deb" </dev/null >/dev/null
+    echo "env_kept=$(grep -c '^PROXY_PUBLIC_HTTPS_PORT=[0-9]' /etc/proxy/proxy.env || true)"
     wait_ready || echo "not_ready=yes"
     echo "fingerprint_before=$before"
     echo "fingerprint_after=$(fingerprint)"
@@ -162,7 +163,7 @@ remove_reinstall() {
 purge() {
     local path left=""
     dpkg --purge proxy </dev/null >/dev/null
-    for path in /var/lib/proxy /var/lib/private/proxy /usr/bin/proxy /etc/proxy/proxy.env \
+    for path in /var/lib/proxy /var/lib/private/proxy /usr/bin/proxy /etc/proxy/proxy.env /etc/proxy/proxy.env.dpkg-dist \
         /usr/lib/systemd/system/proxy.service /usr/lib/systemd/system/proxy.socket \
         /usr/lib/systemd/system/proxy-backend.service; do
         if [ -e "$path" ] || [ -L "$path" ]; then left="$left $path"; fi

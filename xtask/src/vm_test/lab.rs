@@ -19,9 +19,20 @@ use crate::{exec::exec, workspace};
 const NETNS: &str = "proxy-vmtest";
 /// The guest's apt proxy: the host side of libvirt's management network, inside the namespace.
 const APT_PROXY_PORT: u16 = 3142;
+/// What a program squatting on a host port answers (see [`Lab::occupy_port`]).
+const OCCUPANT_GREETING: &str = "port taken by vm-test";
 /// The domain vagrant-libvirt names after the Vagrantfile's directory and machine.
 const LEFTOVER_DOMAIN: &str = "vagrant_default";
 const MANAGEMENT_GATEWAY: &str = "192.168.121.1";
+
+/// The host side of the VM's forwards (Grafana is not installed in the test).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HostPorts {
+    pub http: u16,
+    pub https: u16,
+    pub prometheus: u16,
+    pub alertmanager: u16,
+}
 
 pub(crate) struct Lab {
     work: PathBuf,
@@ -96,6 +107,58 @@ impl Lab {
             .env("PROXY_VM_GRAFANA", "0")
             .env("PROXY_VM_MEMORY", "1536");
         cmd
+    }
+
+    /// Keeps 127.0.0.1:`port` of the lab's namespace (the host side of the forwards) busy, as
+    /// another program on a user's machine would, until the lab is taken down.
+    pub(crate) fn occupy_port(&mut self, port: u16) -> Result<()> {
+        self.tunnels.push(spawn(
+            self.command("socat")
+                .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+                .arg(format!("SYSTEM:echo '{OCCUPANT_GREETING}'")),
+        )?);
+        for _ in 0..50 {
+            if self.occupant_answers(port) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("socat did not start listening on 127.0.0.1:{port}")
+    }
+
+    /// Whether 127.0.0.1:`port` still answers as [`Self::occupy_port`]'s squatter.
+    pub(crate) fn occupant_answers(&self, port: u16) -> bool {
+        self.command("socat")
+            .args(["-T", "5", "-u", &format!("TCP:127.0.0.1:{port}"), "STDOUT"])
+            .stderr(Stdio::null())
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(OCCUPANT_GREETING))
+    }
+
+    /// The host ports the Vagrantfile forwarded, from the record it keeps in Vagrant's state
+    /// directory while the VM exists.
+    pub(crate) fn host_ports(&self) -> Result<HostPorts> {
+        let path = self.work.join("machine/proxy-host-ports.json");
+        let text = fs::read_to_string(&path).with_context(|| {
+            format!(
+                "the Vagrantfile recorded no host ports in {}",
+                path.display()
+            )
+        })?;
+        let record: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let port = |name: &str| {
+            record[name]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .with_context(|| format!("{} has no port for {name}: {text}", path.display()))
+        };
+        Ok(HostPorts {
+            http: port("http")?,
+            https: port("https")?,
+            prometheus: port("prometheus")?,
+            alertmanager: port("alertmanager")?,
+        })
     }
 
     /// The overrides this test merges under the project's Vagrantfile (Vagrant reads

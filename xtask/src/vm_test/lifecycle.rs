@@ -26,13 +26,13 @@ const GUEST_PATH: &str = "/tmp/guest-checks.sh";
 const LOAD_LIMIT: Duration = Duration::from_secs(300);
 
 /// Key/value lines a guest check printed; `failure` lines are gathered, not keyed.
-struct Report {
+pub(super) struct Report {
     values: HashMap<String, String>,
     failures: Vec<String>,
 }
 
 impl Report {
-    fn get(&self, key: &str) -> &str {
+    pub(super) fn get(&self, key: &str) -> &str {
         self.values.get(key).map_or("", String::as_str)
     }
 
@@ -62,7 +62,7 @@ pub(super) fn upload_script(lab: &Lab, work: &Path) -> Result<()> {
     Ok(())
 }
 
-fn guest(lab: &Lab, args: &str, limit: Duration) -> Result<Report> {
+pub(super) fn guest(lab: &Lab, args: &str, limit: Duration) -> Result<Report> {
     let text = ssh_limited(lab, &format!("sudo bash {GUEST_PATH} {args}"), limit)?;
     let mut values = HashMap::new();
     let mut failures = Vec::new();
@@ -238,11 +238,12 @@ pub(super) fn remove_and_purge(lab: &Lab, deb: &str) -> Result<()> {
         Duration::from_secs(300),
     )?;
     println!(
-        "dpkg -r: {}, proxy.service {}, https {}, CA kept: {}; reinstalled: {}, serving {}",
+        "dpkg -r: {}, proxy.service {}, https {}, CA kept: {}; reinstalled: proxy.env kept {}, {}, serving {}",
         r.get("removed"),
         r.get("unit_after_remove"),
         r.get("https_after_remove"),
         r.get("ca_kept"),
+        r.get("env_kept"),
         r.get("active"),
         r.get("serving")
     );
@@ -253,6 +254,10 @@ pub(super) fn remove_and_purge(lab: &Lab, deb: &str) -> Result<()> {
         r.get("unit_after_remove")
     );
     ensure!(r.get("ca_kept") == "yes", "dpkg -r deleted the CA");
+    ensure!(
+        r.get("env_kept") == "1",
+        "the reinstall (plain dpkg -i) did not keep the VM's edited proxy.env"
+    );
     ensure!(
         r.get("fingerprint_after") == r.get("fingerprint_before")
             && !r.get("fingerprint_after").is_empty(),

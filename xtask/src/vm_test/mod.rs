@@ -3,19 +3,24 @@
 //! virtualisation), using the release proxy built on this host, then checks from the host side,
 //! through the forwarded ports, what a user of the VM would see:
 //!
-//! - `https://localhost:8443/` answers `Hello SRE!` with a certificate of the VM's CA (and
-//!   curl without that CA refuses it); the fingerprint matches what provisioning printed;
-//! - `http://localhost:8080/...` redirects to the same path on `https://localhost:8443/`;
+//! - with 127.0.0.1:8443 already taken on the host, `vagrant up` forwards the next free port
+//!   instead, says so, and leaves the other program's port alone;
+//! - `https://localhost:<that port>/` answers `Hello SRE!` with a certificate of the VM's CA
+//!   (and curl without that CA refuses it); the fingerprint matches what provisioning printed;
+//! - `http://localhost:8080/...` redirects to the same path on the forwarded HTTPS port;
 //! - the proxy in the VM reports `proxy_ebpf_attached 1` and its kernel connection counts rise by
 //!   exactly the number of requests made through the forwards;
 //! - Prometheus in the VM has the proxy target up and its kernel metrics; Alertmanager is ready;
 //! - a second `vagrant provision` succeeds and changes nothing;
 //! - the package's life and the units under faults ([`lifecycle`]): an upgrade through
 //!   provisioning, restart, reload and `kill -9` under load, a broken reload, `dpkg -r` and
-//!   reinstall, `dpkg --purge`.
+//!   reinstall, `dpkg --purge`;
+//! - provisioning a package that never serves fails and rolls back to the one before
+//!   ([`rollback`]).
 //!
 //! Provisioning installs the package built on this host (`cargo xtask package`, revision 1,
-//! in `vagrant/bin`); the upgrade is a rebuild with revision 2.
+//! in `vagrant/bin`); the upgrade is a rebuild with revision 2; the package that never serves
+//! is revision 2 repacked as 3.
 //!
 //! Everything runs in a private network namespace (see [`lab`]); the guest reaches only the
 //! Debian mirror. Needs root and about 4 GB of disk under the work directory.
@@ -24,6 +29,7 @@ mod appliance;
 mod base_box;
 mod lab;
 mod lifecycle;
+mod rollback;
 
 use std::cell::RefCell;
 use std::fs;
@@ -103,8 +109,11 @@ pub(crate) fn vm_test(opts: Options) -> ExitCode {
             Ok(())
         }),
         Phase::new("vagrant up", || {
-            let lab = lab.borrow();
-            let lab = lab.as_ref().context("no lab")?;
+            let mut lab = lab.borrow_mut();
+            let lab = lab.as_mut().context("no lab")?;
+            // A busy 8443, as on a host already running something there: `vagrant up` must
+            // forward another port and say so, not abort.
+            lab.occupy_port(appliance::PREFERRED_HTTPS_PORT)?;
             let log = capture(lab.vagrant(VM_LIMIT).args(["up", "--provider=libvirt"]))?;
             *up_log.borrow_mut() = log;
             Ok(())
@@ -112,7 +121,8 @@ pub(crate) fn vm_test(opts: Options) -> ExitCode {
         Phase::new("checks from the host", || {
             let lab = lab.borrow();
             let lab = lab.as_ref().context("no lab")?;
-            let checked = appliance::check(lab, &up_log.borrow(), &work);
+            let checked = appliance::check_ports(lab, &up_log.borrow())
+                .and_then(|ports| appliance::check(lab, ports, &up_log.borrow(), &work));
             if checked.is_err() {
                 print_journal(lab);
             }
@@ -146,6 +156,19 @@ pub(crate) fn vm_test(opts: Options) -> ExitCode {
             capture(lab.vagrant(VM_LIMIT).arg("rsync"))?;
             let log = capture(lab.vagrant(VM_LIMIT).arg("provision"))?;
             lifecycle::check_upgrade(lab, &before, &log)
+        }),
+        Phase::new("rollback", || {
+            let lab = lab.borrow();
+            let lab = lab.as_ref().context("no lab")?;
+            let deb = rollback::unservable_package(&upgrade_deb(&work), &work)?;
+            let in_vm = vm_packages_dir().join(deb.file_name().context("package name")?);
+            fs::copy(&deb, &in_vm)?;
+            capture(lab.vagrant(VM_LIMIT).arg("rsync"))?;
+            let checked = rollback::provision_and_check(lab, VM_LIMIT);
+            // Out of the folder provisioning takes the newest package from.
+            fs::remove_file(&in_vm)?;
+            capture(lab.vagrant(VM_LIMIT).arg("rsync"))?;
+            checked
         }),
         Phase::new("faults", || {
             let lab = lab.borrow();
@@ -289,13 +312,18 @@ fn strip_vagrant_prefix(line: &str) -> &str {
     line.split_once(": ").map_or(line, |(_, rest)| rest)
 }
 
-/// Prints the command's output as it comes and returns its standard output; fails like
-/// [`exec`].
+/// Prints the command's output as it comes and returns it, standard output then standard
+/// error; fails like [`exec`].
 fn capture(cmd: &mut Command) -> Result<String> {
     let line = exec::display(cmd);
     let teed = exec::tee(cmd)?;
     ensure!(teed.status.success(), "`{line}` failed: {}", teed.status);
-    Ok(teed.stdout.iter().map(|l| format!("{l}\n")).collect())
+    Ok(teed
+        .stdout
+        .iter()
+        .chain(&teed.stderr)
+        .map(|l| format!("{l}\n"))
+        .collect())
 }
 
 /// The Debian mirror this host uses (the guest is let through to it, and only to it).
