@@ -326,22 +326,19 @@ fn capture(cmd: &mut Command) -> Result<String> {
         .collect())
 }
 
-/// The Debian mirror this host uses (the guest is let through to it, and only to it).
+/// The Debian mirror this host uses (the guest is let through to it, and only to it): the
+/// URI of its `bookworm` suite.
 fn mirror() -> String {
-    let deb822 = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
-    let one_line = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
-    deb822
-        .lines()
-        .find_map(|l| l.strip_prefix("URIs:"))
-        .and_then(|uris| uris.split_whitespace().next())
-        .or_else(|| {
-            one_line
-                .lines()
-                .find(|l| l.starts_with("deb "))
-                .and_then(|l| l.split_whitespace().find(|w| w.starts_with("http")))
-        })
-        .unwrap_or("http://deb.debian.org/debian")
-        .to_owned()
+    let sources = deps::bookworm_sources();
+    let uri = |entry: &String| {
+        let mut words = entry.split_whitespace().skip(1);
+        let uri = words.next()?;
+        (words.next()? == "bookworm").then(|| uri.to_owned())
+    };
+    sources
+        .iter()
+        .find_map(uri)
+        .unwrap_or_else(|| "http://deb.debian.org/debian".to_owned())
 }
 
 fn mirror_host(mirror: &str) -> String {
