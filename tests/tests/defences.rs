@@ -104,42 +104,58 @@ fn silent_slow_and_idle_connections_are_closed_on_time() {
         )
     });
     let (a, b, c, d, e, f) = results;
+    let handshake = Duration::from_secs(2);
+    let header_read = Duration::from_secs(2);
+    let idle = Duration::from_secs(3);
+    // What closed each connection, and when at the earliest it may close.
     let checks = [
         (
             "a TCP connection to 443 that never starts TLS (--tls-handshake-timeout 2s)",
             a,
+            handshake,
         ),
         (
             "a TLS connection that never sends a request (--header-read-timeout 2s)",
             b,
+            header_read,
         ),
         (
             "an h2 connection that never sends the preface (--header-read-timeout 2s)",
             c,
+            header_read,
         ),
         (
-            "an h2 connection that sends the preface but no request (--idle-timeout 3s)",
+            "an h2 connection that sends the preface but no request (--header-read-timeout 2s: \
+             the first request is late)",
             d,
+            header_read,
         ),
         (
-            "a keep-alive HTTP/1.1 connection idle after its request (--idle-timeout 3s)",
+            "a keep-alive HTTP/1.1 connection idle after its request (--idle-timeout 3s, \
+             not the 2 s header-read timeout)",
             e,
+            idle,
         ),
         (
             "a slowloris client on port 80 sending one byte per 500 ms (--header-read-timeout 2s)",
             f,
+            header_read,
         ),
     ];
     let mut failures = Vec::new();
-    for (what, result) in checks {
+    for (what, result, timeout) in checks {
         match result {
+            // Timers may fire a little early by the client's clock, never by a tenth.
+            Ok(took) if took < timeout.mul_f64(0.9) => {
+                failures.push(format!("{what}: closed after {took:?}, before {timeout:?}"));
+            }
             Ok(took) => eprintln!("closed after {took:?}: {what}"),
             Err(e) => failures.push(format!("{what}: {e}")),
         }
     }
     assert!(
         failures.is_empty(),
-        "connections the proxy should have closed by twice their timeout:\n{}",
+        "connections the proxy should have closed after their timeout and by twice it:\n{}",
         failures.join("\n")
     );
 }
@@ -252,14 +268,26 @@ fn connection_cap_holds_new_clients_until_a_slot_frees() {
     };
     let proxy = env.serve(&["--max-connections", "5"]);
     let tls = proxy.tls();
-    let (capped, freed) = env.run(|| async move {
+    let (last_slot, capped, freed) = env.run(|| async move {
         let mut silent = Vec::new();
-        for i in 0..5 {
+        for i in 0..4 {
             let s = TcpStream::connect(HTTPS)
                 .await
                 .unwrap_or_else(|e| panic!("silent connection #{i}: {e}"));
             silent.push(s);
         }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The cap is the proxy's, whichever listener waits: the idle port 80 holds no slot.
+        let last_slot = tokio::time::timeout(
+            Duration::from_millis(1500),
+            client::https(&tls, Req::get("/")),
+        )
+        .await;
+        silent.push(
+            TcpStream::connect(HTTPS)
+                .await
+                .unwrap_or_else(|e| panic!("silent connection #5: {e}")),
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
         let capped = tokio::time::timeout(
             Duration::from_millis(1500),
@@ -269,8 +297,13 @@ fn connection_cap_holds_new_clients_until_a_slot_frees() {
         drop(silent);
         let freed =
             tokio::time::timeout(Duration::from_secs(5), client::https(&tls, Req::get("/"))).await;
-        (capped, freed)
+        (last_slot, capped, freed)
     });
+    match last_slot {
+        Ok(Ok(resp)) => assert_eq!(resp.status, StatusCode::OK),
+        Ok(Err(e)) => panic!("with 4 of 5 connections open, a fifth failed: {e}"),
+        Err(_) => panic!("with 4 of 5 connections open, a fifth was not served within 1.5 s"),
+    }
     if let Ok(Ok(resp)) = capped {
         panic!("with --max-connections 5 and 5 connections open, a sixth was served: {resp:?}");
     }

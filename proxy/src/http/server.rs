@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
@@ -83,9 +84,12 @@ impl Server {
         self.abandoned.store(true, Ordering::Release);
     }
 
-    /// Accepts connections until shutdown. At the connection cap it stops accepting, so the
-    /// kernel queues new clients instead of the proxy overcommitting.
-    pub(crate) async fn accept_loop(self: Arc<Self>, listener: Arc<TcpListener>, kind: Listener) {
+    /// Accepts connections on every listener until shutdown. At the connection cap it stops
+    /// accepting, so the kernel queues new clients instead of the proxy overcommitting. One
+    /// loop serves all listeners, holding one slot while it waits: a loop per listener would
+    /// each hold a slot, and an idle listener would keep one of the cap from the busy one.
+    pub(crate) async fn accept_loop(self: Arc<Self>, listeners: Vec<(Arc<TcpListener>, Listener)>) {
+        let mut next = 0;
         loop {
             let slot = tokio::select! {
                 slot = self.connection_slots.clone().acquire_owned() => match slot {
@@ -94,8 +98,8 @@ impl Server {
                 },
                 () = self.shutdown.cancelled() => break,
             };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+            let (accepted, kind) = tokio::select! {
+                accepted = accept_any(&listeners, &mut next) => accepted,
                 () = self.shutdown.cancelled() => break,
             };
             match accepted {
@@ -123,8 +127,8 @@ impl Server {
                 }
             }
         }
-        // Dropping the last reference closes the port: new clients are refused while
-        // in-flight requests drain (unless a successor holds the socket too).
+        // Dropping the last reference closes the ports: new clients are refused while
+        // in-flight requests drain (unless a successor holds the sockets too).
     }
 
     async fn serve_connection(
@@ -252,6 +256,26 @@ impl Server {
     }
 }
 
+/// The next connection of any of `listeners`. Polling starts after the listener that gave
+/// the last one, so that a busy listener cannot starve the others.
+async fn accept_any(
+    listeners: &[(Arc<TcpListener>, Listener)],
+    next: &mut usize,
+) -> (std::io::Result<(TcpStream, SocketAddr)>, Listener) {
+    std::future::poll_fn(|cx| {
+        for i in 0..listeners.len() {
+            let index = (*next + i) % listeners.len();
+            let (listener, kind) = &listeners[index];
+            if let Poll::Ready(accepted) = listener.poll_accept(cx) {
+                *next = index + 1;
+                return Poll::Ready((accepted, *kind));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// Spawns hyper's background tasks (the streams of an HTTP/2 connection) in the span of the
 /// connection that spawns them, so that what they log says whose they are.
 #[derive(Debug, Clone, Copy)]
@@ -273,7 +297,11 @@ fn http_builder(config: &Config) -> Builder<SpanExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.timeouts.header_read)
+        // hyper's own header-read timer restarts whenever it waits for a request head, idle
+        // keep-alive included, so it would close keep-alive connections after the header-read
+        // timeout instead of the idle one. The connection's deadlines (`deadlines.rs`) bound
+        // the first request by the header-read timeout and every later wait by the idle one.
+        .header_read_timeout(None)
         .max_buf_size(config.limits.max_header_bytes)
         .max_headers(config.limits.max_headers);
     builder

@@ -171,8 +171,11 @@ pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError
     // Shared with a successor on SIGUSR2; dropped here at shutdown so the ports close.
     let listeners = [Arc::new(http), Arc::new(https), Arc::new(admin_listener)];
     let [http, https, admin_listener] = listeners.clone();
-    let accept_http = tokio::spawn(server.clone().accept_loop(http, Listener::Http));
-    let accept_https = tokio::spawn(server.clone().accept_loop(https, Listener::Https));
+    let accept = tokio::spawn(
+        server
+            .clone()
+            .accept_loop(vec![(http, Listener::Http), (https, Listener::Https)]),
+    );
     let ca_pem: admin::CaPem = {
         let certs = certs.clone();
         Arc::new(move || certs.current().ca_pem.clone())
@@ -229,7 +232,7 @@ pub(crate) async fn run(config: Config, reload: Reload) -> Result<(), ServeError
     notify::stopping();
     ready.store(false, Ordering::Release);
     server.shutdown.cancel();
-    let _ = tokio::join!(accept_http, accept_https);
+    let _ = accept.await;
     server.connections.close();
     tracing::info!(in_flight = server.connections.len(), deadline = ?config.timeouts.drain, "draining connections");
     match tokio::time::timeout(config.timeouts.drain, server.connections.wait()).await {
