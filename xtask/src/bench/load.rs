@@ -41,16 +41,20 @@ pub(super) fn wrk_args(url: &str, connections: usize, seconds: u64) -> Vec<Strin
 }
 
 /// `h2load` arguments: one thread, `clients` connections with `streams` concurrent streams
-/// each, one second of warm-up then `seconds` measured.
-pub(super) fn h2load_args(url: &str, clients: usize, streams: usize, seconds: u64) -> Vec<String> {
-    vec![
-        "-t1".into(),
-        format!("-c{clients}"),
-        format!("-m{streams}"),
-        "--warm-up-time=1".into(),
-        format!("-D{seconds}"),
-        url.into(),
-    ]
+/// each, `warm_up` seconds of warm-up (if any) then `seconds` measured.
+pub(super) fn h2load_args(
+    url: &str,
+    clients: usize,
+    streams: usize,
+    warm_up: u64,
+    seconds: u64,
+) -> Vec<String> {
+    let mut args = vec!["-t1".into(), format!("-c{clients}"), format!("-m{streams}")];
+    if warm_up > 0 {
+        args.push(format!("--warm-up-time={warm_up}"));
+    }
+    args.extend([format!("-D{seconds}"), url.into()]);
+    args
 }
 
 /// `openssl s_time` arguments: a new session for every connection (`-new`), each fetching `/`.
@@ -325,8 +329,12 @@ status codes: 296290 2xx, 0 3xx, 0 4xx, 0 5xx
             "-t1 -c64 -d8s --latency https://127.0.0.1/"
         );
         assert_eq!(
-            h2load_args("https://127.0.0.1/", 16, 32, 8).join(" "),
+            h2load_args("https://127.0.0.1/", 16, 32, 1, 8).join(" "),
             "-t1 -c16 -m32 --warm-up-time=1 -D8 https://127.0.0.1/"
+        );
+        assert_eq!(
+            h2load_args("https://127.0.0.1/", 50, 10, 0, 1).join(" "),
+            "-t1 -c50 -m10 -D1 https://127.0.0.1/"
         );
         assert_eq!(
             s_time_args(8).join(" "),
