@@ -89,8 +89,7 @@ impl Bench {
         // The first-request deadline must not close the served connections meanwhile.
         let args = ["--max-connections", &cap_arg, "--header-read-timeout", "1h"];
         let _server = self.start_proxy_with(ns, "off", "warn", &log, &args)?;
-        let connector =
-            tls_client::connector(&self.state_dir().join("ca.pem"), Alpn::Http1, false)?;
+        let connector = tls_client::connector(&self.state_dir().join("ca.pem"), Alpn::Http1)?;
         let cpu = self.client_cpu;
         ns.run(move || {
             let runtime = tls_client::runtime_on(cpu)?;

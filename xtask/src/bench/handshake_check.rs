@@ -4,12 +4,12 @@
 //! `$ssl_session_reused`, HAProxy `%[ssl_fc_is_resumed]`, h2o `%{ssl.session-reused}x`).
 //! `openssl s_time -new` must give only full handshakes; h2load reconnecting with
 //! `Connection: close` is run beside it for contrast (it resumes, which is why the bench does
-//! not use it). The bench's resumption client ([`resumption`]) must resume at least
-//! [`resumption::MIN_RESUMED_SHARE`] of its handshakes as the server counts them, as it does by
-//! its own count in every measured run. Also creates the proxy's state (CA and leaf) that the
+//! not use it). `openssl s_time -reuse` must resume at least
+//! [`resumption::MIN_RESUMED_SHARE`] of its handshakes as the server counts them, as its own
+//! marks show in every measured run. Also creates the proxy's state (CA and leaf) that the
 //! peers then serve.
 
-use std::{fs, time::Duration};
+use std::fs;
 
 use anyhow::{Context as _, Result, bail};
 use proxy_testkit::{NetNs, command};
@@ -21,9 +21,6 @@ use super::{
     resumption,
     servers::{Peer, pinned},
 };
-
-/// How long the resumption client runs against each server here.
-const RESUMPTION_PERIOD: Duration = Duration::from_millis(500);
 
 /// Runs the check in fresh namespaces; fails when `s_time -new` was resumed anywhere.
 pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) -> Result<Value> {
@@ -46,7 +43,7 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
     let resumed = minus(after_resumption, after_h2load);
     println!(
         "    proxy: s_time -new: {} full, {} resumed; h2load --h1 with Connection: close: {} full, {} resumed; \
-         resumption client: {} full, {} resumed (it counted {} of {} resumed)",
+         s_time -reuse: {} full, {} resumed (it marked {} of {} resumed)",
         s_time.0,
         s_time.1,
         h2load.0,
@@ -60,7 +57,7 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
         "proxy_rustls_trace": {
             "s_time_new": {"full": s_time.0, "resumed": s_time.1},
             "h2load_h1_connection_close": {"full": h2load.0, "resumed": h2load.1},
-            "resumption_client": {"full": resumed.0, "resumed": resumed.1},
+            "s_time_reuse": {"full": resumed.0, "resumed": resumed.1},
         },
     });
     if let Some(failure) = judge_resumption("the proxy", &client, resumed)? {
@@ -99,7 +96,7 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
         drop(server);
         let text = read()?;
         let (text, resumption_text) = text.split_at(before_resumption.min(text.len()));
-        let client_seen = count_resumption(resumption_text, "HTTP/1.1");
+        let client_seen = count_resumption(resumption_text, "HTTP/1.0");
         // s_time sends HTTP/1.0, h2load HTTP/1.1 (the readiness and answer checks use curl
         // with HTTP/1.1 and h2; they are few).
         let (full, resumed) = count_resumption(text, "HTTP/1.0");
@@ -107,7 +104,7 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
         println!(
             "    {}: s_time -new: {full} full, {resumed} resumed; \
              h2load --h1 with Connection: close: {h2_full} full, {h2_resumed} resumed; \
-             resumption client: {} full, {} resumed (it counted {} of {} resumed)",
+             s_time -reuse: {} full, {} resumed (it marked {} of {} resumed)",
             peer.label(),
             client_seen.0,
             client_seen.1,
@@ -117,7 +114,7 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
         result[format!("{}_ssl_session_reused", peer.key())] = json!({
             "s_time_new": {"full": full, "resumed": resumed},
             "h2load_h1_connection_close": {"full": h2_full, "resumed": h2_resumed},
-            "resumption_client": {"full": client_seen.0, "resumed": client_seen.1},
+            "s_time_reuse": {"full": client_seen.0, "resumed": client_seen.1},
         });
         let key = format!("{}_ssl_session_reused", peer.key());
         if let Some(failure) = judge_resumption(peer.label(), &client, client_seen)? {
@@ -134,14 +131,13 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
     Ok(result)
 }
 
-/// The resumption client for a moment, one connection at a time.
+/// One `openssl s_time -reuse` for a second.
 fn resumed_run(bench: &Bench, ns: &NetNs) -> Result<resumption::Resumptions> {
-    let ca = bench.state_dir().join("ca.pem");
-    resumption::run(ns, bench.client_cpu, &ca, 1, RESUMPTION_PERIOD)
+    bench.s_time(ns, 1, 1, "-reuse")
 }
 
-/// Holds the client's count of resumed handshakes against the server's `(full, resumed)`
-/// (which includes the client's first, full handshake). When both say too few were resumed,
+/// Holds s_time's count of resumed handshakes against the server's `(full, resumed)` (which
+/// includes s_time's first, full handshake). When both say too few were resumed,
 /// that server cannot be measured resuming: the reason, printed loudly, to record. When they
 /// disagree, one of the counts is wrong and the bench stops.
 fn judge_resumption(
@@ -164,10 +160,10 @@ fn judge_resumption(
             Ok(Some(format!("{e:#}")))
         }
         (Ok(()), Err(e)) => {
-            Err(e.context("the client counted its handshakes resumed, the server did not"))
+            Err(e.context("s_time marked its handshakes resumed, the server did not"))
         }
         (Err(e), Ok(())) => {
-            Err(e.context("the server counted the handshakes resumed, the client did not"))
+            Err(e.context("the server counted the handshakes resumed, s_time did not"))
         }
     }
 }

@@ -217,7 +217,7 @@ impl Holder {
         alpn: Alpn,
         n: usize,
     ) -> Result<Holder> {
-        let connector = tls_client::connector(ca_pem, alpn, false)?;
+        let connector = tls_client::connector(ca_pem, alpn)?;
         let (opened_tx, opened_rx) = mpsc::channel::<Result<()>>();
         let (close_tx, close_rx) = oneshot::channel::<()>();
         let thread = ns.spawn(move || {

@@ -7,7 +7,7 @@
 use std::{
     path::PathBuf,
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -19,7 +19,7 @@ use super::{
     load::{self, Throughput},
     perf_counters,
     report::{Contender, Metric, Run},
-    resumption,
+    resumption::Resumptions,
     servers::pinned,
 };
 
@@ -281,13 +281,7 @@ impl Bench {
         progress: &dyn Fn(&str),
     ) -> Result<()> {
         let (resumed, cpu) = self.with_cpu(server, || {
-            resumption::run(
-                ns,
-                self.client_cpu,
-                &self.state_dir().join("ca.pem"),
-                self.handshake_clients,
-                Duration::from_secs(self.seconds),
-            )
+            self.s_time(ns, self.handshake_clients, self.seconds, "-reuse")
         })?;
         match resumed.check(contender.label()) {
             Ok(()) => {
@@ -438,9 +432,17 @@ impl Bench {
     }
 
     /// Full handshakes with `openssl s_time -new`, several in parallel on the client core:
-    /// the handshakes completed and their rate.
+    /// the handshakes completed and their rate; fails if s_time marked any resumed.
     pub(super) fn handshakes(&self, ns: &NetNs) -> Result<(u64, f64)> {
-        self.s_time(ns, self.handshake_clients, self.seconds, "-new")
+        let run = self.s_time(ns, self.handshake_clients, self.seconds, "-new")?;
+        if run.resumed > 0 {
+            bail!(
+                "openssl s_time -new resumed {} of {} handshakes",
+                run.resumed,
+                run.handshakes
+            );
+        }
+        Ok((run.handshakes, run.per_second))
     }
 
     /// `clients` parallel `openssl s_time` for `seconds`, with `-new` or `-reuse`.
@@ -450,42 +452,43 @@ impl Bench {
         clients: usize,
         seconds: u64,
         mode: &str,
-    ) -> Result<(u64, f64)> {
+    ) -> Result<Resumptions> {
         let start = Instant::now();
         let children = (0..clients)
             .map(|_| {
                 let mut cmd = pinned(ns, self.client_cpu, "openssl");
-                cmd.args(
-                    load::s_time_args(seconds)
-                        .iter()
-                        .map(|a| if a == "-new" { mode } else { a.as_str() }),
-                )
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("failed to start openssl s_time")
+                cmd.args(load::s_time_args(mode, seconds))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("failed to start openssl s_time")
             })
             .collect::<Result<Vec<Child>>>()?;
-        let mut total = 0;
+        let (mut total, mut resumed) = (0, 0);
         for child in children {
             let out = child.wait_with_output()?;
             let text = String::from_utf8_lossy(&out.stdout);
-            let (count, bytes) = load::parse_s_time(&text).with_context(|| {
+            let report = load::parse_s_time(&text).with_context(|| {
                 format!(
                     "reading openssl s_time's report: {}",
                     String::from_utf8_lossy(&out.stderr).trim()
                 )
             })?;
-            if count > 0 && bytes == 0 {
+            if report.connections > 0 && report.bytes_per_connection == 0 {
                 bail!("openssl s_time read no response over its connections");
             }
-            total += count;
+            total += report.connections;
+            resumed += report.resumed;
         }
         if total == 0 {
             bail!("openssl s_time completed no connection");
         }
-        Ok((total, total as f64 / start.elapsed().as_secs_f64()))
+        Ok(Resumptions {
+            handshakes: total,
+            resumed,
+            per_second: total as f64 / start.elapsed().as_secs_f64(),
+        })
     }
 }
 

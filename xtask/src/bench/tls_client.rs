@@ -1,5 +1,5 @@
-//! The bench's own TLS client, for what no load generator here does: resumed TLS 1.3
-//! handshakes proved one by one, connections held open idle, the connection cap's queue. It
+//! The bench's own TLS client, for what no load generator here does: connections held open
+//! idle, and the connection cap's queue. It
 //! trusts only the bench's CA, speaks a minimal HTTP/1.1 (one `GET /`, the answer read to the
 //! end of its `content-length`) or h2 (the `h2` crate), and runs on a thread that has entered
 //! the contender's namespace and is pinned to the client core, with a single-threaded tokio
@@ -9,7 +9,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use nix::{sched::CpuSet, unistd::Pid};
-use rustls::{ClientConfig, HandshakeKind, ProtocolVersion, RootCertStore};
+use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -49,11 +49,9 @@ impl Alpn {
     }
 }
 
-/// A connector trusting only the CA in `ca_pem`, offering `alpn`. With `tls13_resumption`
-/// it speaks TLS 1.3 only and keeps the server's session tickets (rustls's in-memory store,
-/// shared by every connection of this connector); without, it keeps none, so that every
-/// handshake is full.
-pub(super) fn connector(ca_pem: &Path, alpn: Alpn, tls13_resumption: bool) -> Result<TlsConnector> {
+/// A connector trusting only the CA in `ca_pem`, offering `alpn`; it keeps no session, so
+/// every handshake is a full one.
+pub(super) fn connector(ca_pem: &Path, alpn: Alpn) -> Result<TlsConnector> {
     let pem = std::fs::read(ca_pem).with_context(|| format!("reading {}", ca_pem.display()))?;
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
@@ -63,19 +61,12 @@ pub(super) fn connector(ca_pem: &Path, alpn: Alpn, tls13_resumption: bool) -> Re
         bail!("{} holds no certificate", ca_pem.display());
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions: &[&rustls::SupportedProtocolVersion] = if tls13_resumption {
-        &[&rustls::version::TLS13]
-    } else {
-        rustls::DEFAULT_VERSIONS
-    };
     let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)?
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![alpn.id().to_vec()];
-    if !tls13_resumption {
-        config.resumption = rustls::client::Resumption::disabled();
-    }
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
@@ -120,13 +111,6 @@ pub(super) async fn handshake(
         );
     }
     Ok(tls)
-}
-
-/// Whether the handshake of `tls` was a resumed TLS 1.3 one.
-pub(super) fn resumed_tls13(tls: &TlsStream<TcpStream>) -> bool {
-    let conn = tls.get_ref().1;
-    conn.handshake_kind() == Some(HandshakeKind::Resumed)
-        && conn.protocol_version() == Some(ProtocolVersion::TLSv1_3)
 }
 
 /// `GET /` over HTTP/1.1 on `tls`, its answer read whole; fails unless it is a 200.
