@@ -36,7 +36,13 @@ pub(super) const BUNDLE: &str = "leaf-and-key.pem";
 pub(super) fn config(s: &Settings<'_>) -> String {
     let dir = s.dir.display();
     let cpu = s.cpu;
-    let maxconn = s.max_connections.unwrap_or(4096);
+    // HAProxy sizes its descriptors at two per connection (one for a backend) and by default
+    // refuses to start when the hard limit is lower; these connections need one each (no
+    // backend), so many of them are allowed past that check.
+    let (maxconn, limits) = match s.max_connections {
+        Some(n) => (n, "\n    no strict-limits"),
+        None => (4096, ""),
+    };
     let (global_log, log) = if s.resumption_log {
         (
             "\n    log stdout format raw local0",
@@ -52,7 +58,7 @@ global
     nbthread 1
     cpu-map 1/1 {cpu}
     pidfile {dir}/haproxy.pid
-    maxconn {maxconn}
+    maxconn {maxconn}{limits}
     ssl-default-bind-options ssl-min-ver TLSv1.2{global_log}
 defaults
     mode http{log}
@@ -115,7 +121,11 @@ mod tests {
             max_connections: Some(18_100),
             ..settings.clone()
         });
-        assert!(many.contains("maxconn 18100"), "{many}");
+        assert!(
+            many.contains("maxconn 18100\n    no strict-limits\n"),
+            "{many}"
+        );
+        assert!(!conf.contains("strict-limits"), "{conf}");
         let logging = config(&Settings {
             resumption_log: true,
             ..settings

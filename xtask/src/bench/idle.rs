@@ -70,7 +70,7 @@ pub(super) fn phase(
         };
         for alpn in [Alpn::Http1, Alpn::H2] {
             let ns = fresh_ns()?;
-            let mut server = bench.start_for(contender, &ns, Some(n))?;
+            let started = bench.start_for(contender, &ns, Some(n));
             let (rss, socket, p99, opening, line) = match alpn {
                 Alpn::Http1 => (
                     Metric::IdleH1RssKib,
@@ -87,7 +87,11 @@ pub(super) fn phase(
                     "idle_h2",
                 ),
             };
-            let cost = match bench.idle_cost(contender, &ns, &mut server, alpn, n) {
+            let cost = match started.and_then(|mut server| {
+                let cost = bench.idle_cost(contender, &ns, &mut server, alpn, n);
+                drop(server);
+                cost
+            }) {
                 Ok(cost) => cost,
                 Err(e) => {
                     println!("    FAILED {n} idle {} connections: {e:#}", alpn.key());

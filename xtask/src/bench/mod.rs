@@ -420,8 +420,9 @@ fn raise_descriptor_limit(idle: usize) -> Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising RLIMIT_NOFILE")?;
-    // The server's listeners, logs and the probe client's connections beside them.
-    let needed = idle as u64 + 512;
+    // nginx needs the most: a sixteenth more connections than it holds (see `nginx.rs`),
+    // plus its listeners, logs and the probe client's connections.
+    let needed = idle as u64 * 16 / 15 + 512;
     if hard < needed {
         bail!(
             "{idle} idle connections need {needed} open files per process and the hard limit \

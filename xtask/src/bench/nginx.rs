@@ -72,9 +72,17 @@ pub(super) fn config(s: &Settings<'_>) -> String {
         None => "access_log off;".to_owned(),
     };
     let mask = affinity_mask(s.cpu);
-    // One descriptor per client connection, plus the listeners and logs.
+    // nginx closes idle keep-alive connections once fewer than a sixteenth of its connections
+    // are free (`ngx_drain_connections`), so holding n takes n × 16/15 of them; one
+    // descriptor each, plus the listeners and logs.
     let (connections, rlimit) = match s.max_connections {
-        Some(n) => (n, format!("\nworker_rlimit_nofile {};", n + 256)),
+        Some(n) => {
+            let connections = n * 16 / 15 + 1;
+            (
+                connections,
+                format!("\nworker_rlimit_nofile {};", connections + 256),
+            )
+        }
         None => (1024, String::new()),
     };
     format!(
@@ -210,8 +218,8 @@ mod tests {
             max_connections: Some(18_100),
             ..settings.clone()
         });
-        assert!(many.contains("worker_connections 18100;"), "{many}");
-        assert!(many.contains("worker_rlimit_nofile 18356;"), "{many}");
+        assert!(many.contains("worker_connections 19307;"), "{many}");
+        assert!(many.contains("worker_rlimit_nofile 19563;"), "{many}");
         let newer = config(&Settings {
             version: (1, 26, 0),
             resumption_log: Some(Path::new("/tmp/b/r.log")),
