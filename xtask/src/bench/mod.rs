@@ -69,7 +69,7 @@ const NETNS_PREFIX: &str = "xtask-bench";
 #[derive(Debug, clap::Args)]
 pub(crate) struct Options {
     /// Two repetitions of 2-second runs and 2000 idle connections (under five minutes)
-    /// instead of 5 of 6 seconds and 18000.
+    /// instead of 5 of 5 seconds and 18000 (under half an hour).
     #[arg(long)]
     pub quick: bool,
     /// Check the harness, not the servers: the debug proxy and every peer started, their
@@ -86,7 +86,7 @@ pub(crate) struct Options {
     /// Repetitions of each contender [default: 5, --quick: 2].
     #[arg(long)]
     pub reps: Option<usize>,
-    /// Seconds of each measured run [default: 6, --quick: 2].
+    /// Seconds of each measured run [default: 5, --quick: 2].
     #[arg(long)]
     pub seconds: Option<u64>,
     /// HTTP/1.1 keep-alive connections of the first HTTP/1.1 line (wrk -c).
@@ -169,7 +169,7 @@ fn run(opts: Options) -> Result<()> {
         1
     } else {
         opts.seconds
-            .unwrap_or(if opts.quick { 2 } else { 6 })
+            .unwrap_or(if opts.quick { 2 } else { 5 })
             .max(1)
     };
     let idle_n = match (opts.idle_connections, opts.smoke, opts.quick) {
@@ -267,8 +267,9 @@ fn run(opts: Options) -> Result<()> {
         .copied()
         .filter(|&c| c != Contender::AccessLog)
         .collect();
-    // Opening runs at about a thousand connections a second on the two cores.
-    let idle_plan = idle_contenders.len() as u64 * (3 + 2 * (idle_n as u64 / 1000 + seconds + 3));
+    // Opening runs at about 500 full handshakes a second on the two cores; then the probe,
+    // and a server started for each protocol.
+    let idle_plan = idle_contenders.len() as u64 * 2 * (idle_n as u64 / 500 + seconds + 3);
     let total: u64 = reps as u64 * contenders.iter().map(|&c| per_run(c)).sum::<u64>();
     println!(
         "==> plan: {reps} repetitions of {} contenders (~{}), then {idle_n} idle connections \

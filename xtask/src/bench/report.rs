@@ -110,10 +110,11 @@ pub(super) fn summarize(values: &[f64]) -> Option<Summary> {
     })
 }
 
-/// `a / b` of the medians, when both exist and `b` is not zero.
+/// `a / b` of the medians, when both exist and are above zero (a figure that is zero or
+/// below, such as kernel memory that did not grow, has no meaningful ratio).
 pub(super) fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
     let (a, b) = (a?, b?);
-    (b.median != 0.0).then(|| a.median / b.median)
+    (a.median > 0.0 && b.median > 0.0).then(|| a.median / b.median)
 }
 
 /// A goal the issue set: `metric` of `of` divided by that of `over`, against a bound.
@@ -492,6 +493,7 @@ mod tests {
             Some(1.25),
         );
         check(ratio(s(1.0, 0.0, 0.0, 1), s(0.0, 0.0, 0.0, 1)), None);
+        check(ratio(s(-0.05, 0.0, 0.0, 1), s(0.05, 0.0, 0.0, 1)), None);
         check(ratio(None, s(1.0, 0.0, 0.0, 1)), None);
         check(Bound::AtLeast(1.25).met(1.25), true);
         check(Bound::AtLeast(1.25).met(1.2), false);
