@@ -50,7 +50,8 @@ pub(super) struct IdleCost {
 
 /// The idle scenario for each of `contenders`, HTTP/1.1 then h2, each against a fresh server
 /// in a fresh namespace (a server that had the other protocol's connections would reuse their
-/// memory); a failed line is printed and recorded, and the others go on.
+/// memory); a failed line is printed and recorded, and the others go on. The smoke run gives
+/// the peers HTTP/1.1 only (their configuration is the same for both).
 pub(super) fn phase(
     bench: &Bench,
     contenders: &[Contender],
@@ -68,7 +69,12 @@ pub(super) fn phase(
             failed: Vec::new(),
             extra: Vec::new(),
         };
-        for alpn in [Alpn::Http1, Alpn::H2] {
+        let protocols = if bench.smoke && contender.is_peer() {
+            &[Alpn::Http1][..]
+        } else {
+            &[Alpn::Http1, Alpn::H2]
+        };
+        for &alpn in protocols {
             let ns = fresh_ns()?;
             let started = bench.start_for(contender, &ns, Some(n));
             let (rss, socket, p99, opening, line) = match alpn {

@@ -42,8 +42,9 @@ pub(super) struct Bench {
     pub handshake_clients: usize,
     /// Whether `perf stat` counts instructions here, or why not.
     pub perf: Result<(), String>,
-    /// The smoke run: no warm-ups, and the peers get one HTTP/1.1 and one HTTP/2 shape and
-    /// no resumed-handshake line (the handshake check has their resumption already).
+    /// The smoke run: no warm-ups, and the peers get one HTTP/1.1 and one HTTP/2 shape, no
+    /// resumed-handshake line (the handshake check has their resumption already) and idle
+    /// HTTP/1.1 connections only.
     pub smoke: bool,
 }
 
