@@ -44,6 +44,24 @@ pub(crate) fn proxy_bin(release: bool) -> PathBuf {
 pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root());
+    // `cargo run` gives xtask its package's variables; build scripts (ring's) ask to be rerun
+    // when they change, so left in place they would make every build xtask starts rebuild
+    // what the plain `cargo xtask` build of the same crates made, and the other way round.
+    for (name, _) in env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&name.as_ref())
+        {
+            cmd.env_remove(name.as_ref());
+        }
+    }
     // Started elsewhere, cargo would read a relative CARGO_TARGET_DIR against another directory.
     if env::var_os("CARGO_TARGET_DIR").is_some_and(|dir| Path::new(&dir).is_relative()) {
         cmd.env("CARGO_TARGET_DIR", target_dir());

@@ -30,6 +30,8 @@ pub(super) struct Settings<'a> {
     /// Log `%{ssl.session-reused}x %H` per request to this file (the handshake check), else
     /// no access log.
     pub resumption_log: Option<&'a Path>,
+    /// Connections it must hold at once, when above its default 1024.
+    pub max_connections: Option<usize>,
 }
 
 /// The h2o.conf for `settings`.
@@ -43,6 +45,9 @@ pub(super) fn config(s: &Settings<'_>) -> String {
         ),
         None => String::new(),
     };
+    let max_connections = s
+        .max_connections
+        .map_or_else(String::new, |n| format!("\nmax-connections: {n}"));
     format!(
         r#"# Written by `cargo xtask bench`: the proxy's static answer, certificate and protocols.
 num-threads: 1
@@ -50,7 +55,7 @@ error-log: {dir}/error.log
 send-server-name: OFF
 # h2o closes idle connections after 10 s by default; the proxy does not within a run.
 http1-request-timeout: 3600
-http2-idle-timeout: 3600{access_log}
+http2-idle-timeout: 3600{max_connections}{access_log}
 hosts:
   "plain":
     listen:
@@ -98,6 +103,7 @@ mod tests {
             dir: Path::new("/tmp/b/h2o"),
             state_dir: Path::new("/tmp/b/state"),
             resumption_log: None,
+            max_connections: None,
         };
         let conf = config(&settings);
         for line in [
@@ -115,6 +121,12 @@ mod tests {
             assert!(conf.contains(line), "{line} missing from\n{conf}");
         }
         assert!(!conf.contains("access-log"), "{conf}");
+        assert!(!conf.contains("max-connections"), "{conf}");
+        let many = config(&Settings {
+            max_connections: Some(18_100),
+            ..settings.clone()
+        });
+        assert!(many.contains("\nmax-connections: 18100\n"), "{many}");
         let logging = config(&Settings {
             resumption_log: Some(Path::new("/tmp/b/h2o/r.log")),
             ..settings

@@ -25,6 +25,8 @@ pub(super) struct Settings<'a> {
     /// Log `%[ssl_fc_is_resumed] %HV` per request to standard output (the handshake check),
     /// else no log.
     pub resumption_log: bool,
+    /// Connections it must hold at once, when above the usual 4096.
+    pub max_connections: Option<usize>,
 }
 
 /// The certificate bundle's name in the directory: `leaf.pem` then `leaf.key`.
@@ -34,6 +36,13 @@ pub(super) const BUNDLE: &str = "leaf-and-key.pem";
 pub(super) fn config(s: &Settings<'_>) -> String {
     let dir = s.dir.display();
     let cpu = s.cpu;
+    // HAProxy sizes its descriptors at two per connection (one for a backend) and by default
+    // refuses to start when the hard limit is lower; these connections need one each (no
+    // backend), so many of them are allowed past that check.
+    let (maxconn, limits) = match s.max_connections {
+        Some(n) => (n, "\n    no strict-limits"),
+        None => (4096, ""),
+    };
     let (global_log, log) = if s.resumption_log {
         (
             "\n    log stdout format raw local0",
@@ -49,7 +58,7 @@ global
     nbthread 1
     cpu-map 1/1 {cpu}
     pidfile {dir}/haproxy.pid
-    maxconn 4096
+    maxconn {maxconn}{limits}
     ssl-default-bind-options ssl-min-ver TLSv1.2{global_log}
 defaults
     mode http{log}
@@ -90,10 +99,12 @@ mod tests {
             dir: Path::new("/tmp/b/haproxy"),
             cpu: 2,
             resumption_log: false,
+            max_connections: None,
         };
         let conf = config(&settings);
         for line in [
             "nbthread 1",
+            "maxconn 4096",
             "cpu-map 1/1 2",
             "ssl-min-ver TLSv1.2",
             "timeout client 1h",
@@ -106,6 +117,15 @@ mod tests {
             assert!(conf.contains(line), "{line} missing from\n{conf}");
         }
         assert!(!conf.contains("log"), "{conf}");
+        let many = config(&Settings {
+            max_connections: Some(18_100),
+            ..settings.clone()
+        });
+        assert!(
+            many.contains("maxconn 18100\n    no strict-limits\n"),
+            "{many}"
+        );
+        assert!(!conf.contains("strict-limits"), "{conf}");
         let logging = config(&Settings {
             resumption_log: true,
             ..settings

@@ -1,5 +1,6 @@
 //! The load generators and what they print: `wrk` for HTTP/1.1 keep-alive and the plain-HTTP
-//! redirect, `h2load` for multiplexed HTTP/2, `openssl s_time -new` for full TLS handshakes.
+//! redirect, `h2load` for multiplexed HTTP/2, `openssl s_time` for full (`-new`) and resumed
+//! (`-reuse`) TLS handshakes.
 //! Building each command line and parsing its report are pure, so they are unit-tested here;
 //! running them (inside a namespace, pinned to the client core) is the caller's job.
 //!
@@ -8,6 +9,14 @@
 //! clean shutdown), so neither measures a full handshake with `Connection: close`.
 //! `openssl s_time -new` builds a fresh `SSL` with no session for every connection: each
 //! connection is a full handshake and one `GET / HTTP/1.0`.
+//!
+//! Resumed handshakes: `openssl s_time -reuse` keeps one `SSL` object and offers, on each
+//! connection, the session of the newest ticket the server sent, so it resumes TLS 1.3 against
+//! a server that honours each ticket once and sends fresh ones (rustls, the proxy's TLS). h2o
+//! 2.2 sends no new ticket after a resumed handshake, and s_time then offers the same ticket
+//! again, which h2o accepts; a client that uses each ticket once (rustls, browsers) resumes
+//! only two connections in three against it. s_time prints a mark per connection, `r` for a
+//! resumed one, so its report proves what each run did.
 
 use anyhow::{Context as _, Result, bail};
 
@@ -41,25 +50,41 @@ pub(super) fn wrk_args(url: &str, connections: usize, seconds: u64) -> Vec<Strin
 }
 
 /// `h2load` arguments: one thread, `clients` connections with `streams` concurrent streams
-/// each, one second of warm-up then `seconds` measured.
-pub(super) fn h2load_args(url: &str, clients: usize, streams: usize, seconds: u64) -> Vec<String> {
-    vec![
-        "-t1".into(),
-        format!("-c{clients}"),
-        format!("-m{streams}"),
-        "--warm-up-time=1".into(),
-        format!("-D{seconds}"),
-        url.into(),
-    ]
+/// each, `warm_up` seconds of warm-up (if any) then `seconds` measured.
+pub(super) fn h2load_args(
+    url: &str,
+    clients: usize,
+    streams: usize,
+    warm_up: u64,
+    seconds: u64,
+) -> Vec<String> {
+    let mut args = vec!["-t1".into(), format!("-c{clients}"), format!("-m{streams}")];
+    if warm_up > 0 {
+        args.push(format!("--warm-up-time={warm_up}"));
+    }
+    args.extend([format!("-D{seconds}"), url.into()]);
+    args
 }
 
-/// `openssl s_time` arguments: a new session for every connection (`-new`), each fetching `/`.
-pub(super) fn s_time_args(seconds: u64) -> Vec<String> {
+/// What an `openssl s_time` run reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct STime {
+    /// Connections completed.
+    pub connections: u64,
+    /// Response bytes read per connection.
+    pub bytes_per_connection: u64,
+    /// Connections whose handshake resumed a session (marked `r`).
+    pub resumed: u64,
+}
+
+/// `openssl s_time` arguments: with `mode` `-new` a new session for every connection, with
+/// `-reuse` the last one resumed; each connection fetches `/`.
+pub(super) fn s_time_args(mode: &str, seconds: u64) -> Vec<String> {
     vec![
         "s_time".into(),
         "-connect".into(),
         format!("{HOST}:443"),
-        "-new".into(),
+        mode.into(),
         "-www".into(),
         "/".into(),
         "-time".into(),
@@ -146,8 +171,10 @@ pub(super) fn parse_h2load(out: &str) -> Result<Throughput> {
 }
 
 /// Reads `openssl s_time` output: the connections completed and the bytes read per
-/// connection, from "1524 connections in 3 real seconds, 168 bytes read per connection".
-pub(super) fn parse_s_time(out: &str) -> Result<(u64, u64)> {
+/// connection, from "1524 connections in 3 real seconds, 168 bytes read per connection", and
+/// the resumed ones from the marks it prints per connection (`r` resumed; `*`, `t` or `3` a
+/// new session by TLS version).
+pub(super) fn parse_s_time(out: &str) -> Result<STime> {
     let line = out
         .lines()
         .find(|line| line.contains(" real seconds"))
@@ -162,7 +189,16 @@ pub(super) fn parse_s_time(out: &str) -> Result<(u64, u64)> {
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    Ok((connections, bytes))
+    let resumed = out
+        .lines()
+        .filter(|line| !line.is_empty() && line.chars().all(|c| "r*t3".contains(c)))
+        .map(|line| line.matches('r').count() as u64)
+        .sum();
+    Ok(STime {
+        connections,
+        bytes_per_connection: bytes,
+        resumed,
+    })
 }
 
 /// The number after `key` on the first line containing it.
@@ -290,13 +326,22 @@ status codes: 296290 2xx, 0 3xx, 0 4xx, 0 5xx
 
     #[test]
     fn parses_s_time() {
+        let s_time = |connections, bytes_per_connection, resumed| STime {
+            connections,
+            bytes_per_connection,
+            resumed,
+        };
         let out = "Collecting connection statistics for 2 seconds\n*****\n\n\
-            1524 connections in 0.76s; 2005.26 connections/user sec, bytes read 256032\n\
-            1524 connections in 3 real seconds, 168 bytes read per connection\n";
-        check(parse_s_time(out), Ok((1524, 168)));
+            5 connections in 0.76s; 2005.26 connections/user sec, bytes read 840\n\
+            5 connections in 3 real seconds, 168 bytes read per connection\n";
+        check(parse_s_time(out), Ok(s_time(5, 168, 0)));
+        let reuse = "\n\nNow timing with session id reuse.\nstarting\nrrr*r\n\n\
+            5 connections in 0.01s; 500.00 connections/user sec, bytes read 1635\n\
+            5 connections in 1 real seconds, 327 bytes read per connection\n";
+        check(parse_s_time(reuse), Ok(s_time(5, 327, 4)));
         check(
             parse_s_time("0 connections in 2 real seconds, 0 bytes read per connection"),
-            Ok((0, 0)),
+            Ok(s_time(0, 0, 0)),
         );
         check(
             parse_s_time("connect: Connection refused"),
@@ -325,12 +370,20 @@ status codes: 296290 2xx, 0 3xx, 0 4xx, 0 5xx
             "-t1 -c64 -d8s --latency https://127.0.0.1/"
         );
         assert_eq!(
-            h2load_args("https://127.0.0.1/", 16, 32, 8).join(" "),
+            h2load_args("https://127.0.0.1/", 16, 32, 1, 8).join(" "),
             "-t1 -c16 -m32 --warm-up-time=1 -D8 https://127.0.0.1/"
         );
         assert_eq!(
-            s_time_args(8).join(" "),
+            h2load_args("https://127.0.0.1/", 50, 10, 0, 1).join(" "),
+            "-t1 -c50 -m10 -D1 https://127.0.0.1/"
+        );
+        assert_eq!(
+            s_time_args("-new", 8).join(" "),
             "s_time -connect 127.0.0.1:443 -new -www / -time 8"
+        );
+        assert_eq!(
+            s_time_args("-reuse", 2).join(" "),
+            "s_time -connect 127.0.0.1:443 -reuse -www / -time 2"
         );
     }
 }

@@ -1,6 +1,8 @@
 //! One contender in one repetition, once [`super::servers`] has started it and checked its
 //! answer: every scenario run against it with the load generator pinned to the client core,
-//! the server's CPU time read around each run and its peak RSS at the end.
+//! the server's CPU time read around each run (its share of its core printed with each line),
+//! its instructions where `perf` can count them, the eBPF programs' run time for the attached
+//! proxy, and its peak RSS at the end.
 
 use std::{
     path::PathBuf,
@@ -9,11 +11,15 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use nix::unistd::Pid;
 use proxy_testkit::{NetNs, Process, command, usage};
 
 use super::{
+    bpf_cost,
     load::{self, Throughput},
+    perf_counters,
     report::{Contender, Metric, Run},
+    resumption::Resumptions,
     servers::pinned,
 };
 
@@ -29,10 +35,31 @@ pub(super) struct Bench {
     pub server_cpu: usize,
     pub client_cpu: usize,
     pub seconds: u64,
-    pub connections: usize,
-    pub h2_connections: usize,
-    pub h2_streams: usize,
+    /// HTTP/1.1 keep-alive connections (wrk -c) of the two HTTP/1.1 lines.
+    pub h1_connections: [usize; 2],
+    /// Connections × streams (h2load -c -m) of the two HTTP/2 lines.
+    pub h2_shapes: [(usize, usize); 2],
     pub handshake_clients: usize,
+    /// Whether `perf stat` counts instructions here, or why not.
+    pub perf: Result<(), String>,
+    /// The smoke run: no warm-ups, and the peers get one HTTP/1.1 and one HTTP/2 shape, no
+    /// resumed-handshake line (the handshake check has their resumption already) and idle
+    /// HTTP/1.1 connections only.
+    pub smoke: bool,
+}
+
+/// The metrics of one throughput line.
+struct Line {
+    what: String,
+    /// The key of its load-generator errors.
+    json: &'static str,
+    /// The key of its server core share.
+    share: &'static str,
+    rps: Metric,
+    p50: Option<Metric>,
+    p99: Option<Metric>,
+    cpu: Metric,
+    instructions: Metric,
 }
 
 impl Bench {
@@ -65,6 +92,7 @@ impl Bench {
             rep,
             figures: Vec::new(),
             errors: Vec::new(),
+            failed: Vec::new(),
             extra: Vec::new(),
         };
         // nginx: the worker serves; the master only holds the configuration (pages mostly
@@ -85,84 +113,262 @@ impl Bench {
         }
         run.extra
             .push(("startup_peak_rss_mib", startup as f64 / 1024.0));
+        // The kernel counts the programs' runs only while asked to; restored when dropped.
+        let bpf_stats = match contender {
+            Contender::Attached => Some(bpf_cost::StatsEnabled::new()?),
+            _ => None,
+        };
         // Warm-up: caches, allocator, the runtime's first connections.
-        self.wrk(ns, "https://127.0.0.1/", 1)?;
+        if !self.smoke {
+            self.wrk(ns, "https://127.0.0.1/", self.h1_connections[0], 1)?;
+        }
+        let all_lines = !(self.smoke && contender.is_peer());
 
-        let (t, cpu) =
-            self.with_cpu(server, || self.wrk(ns, "https://127.0.0.1/", self.seconds))?;
-        let cpu_us = cpu.per_event_us(t.requests);
-        run.figures.extend([
-            (Metric::H1Rps, t.rps),
-            (Metric::H1P50Ms, t.p50_ms.unwrap_or(f64::NAN)),
-            (Metric::H1P99Ms, t.p99_ms.unwrap_or(f64::NAN)),
-            (Metric::H1CpuUs, cpu_us),
-        ]);
-        run.errors.push(("h1", t.errors));
-        run.extra.push(("h1_server_core_share", cpu.core_share()));
-        progress(&format!(
-            "HTTP/1.1 keep-alive: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms; server {cpu_us:.1} µs/req, {:.0}% of its core{}",
-            t.rps,
-            t.p50_ms.unwrap_or(f64::NAN),
-            t.p99_ms.unwrap_or(f64::NAN),
-            cpu.core_share() * 100.0,
-            errors_note(t.errors),
-        ));
-
-        if contender != Contender::AccessLog {
-            let (t, cpu) = self.with_cpu(server, || self.h2load(ns))?;
-            let cpu_us = cpu.per_event_us(t.requests);
-            run.figures
-                .extend([(Metric::H2Rps, t.rps), (Metric::H2CpuUs, cpu_us)]);
-            run.errors.push(("h2", t.errors));
-            run.extra.push(("h2_server_core_share", cpu.core_share()));
+        let bpf_before = bpf_stats
+            .as_ref()
+            .map(|_| bpf_cost::programs(pids[0]))
+            .transpose()?;
+        let url = "https://127.0.0.1/";
+        let h1 = Line {
+            what: format!("HTTP/1.1 keep-alive ×{}", self.h1_connections[0]),
+            json: "h1",
+            share: "h1_server_core_share",
+            rps: Metric::H1Rps,
+            p50: Some(Metric::H1P50Ms),
+            p99: Some(Metric::H1P99Ms),
+            cpu: Metric::H1CpuUs,
+            instructions: Metric::H1Instructions,
+        };
+        let t = self.line(&mut run, server, &h1, progress, || {
+            self.wrk(ns, url, self.h1_connections[0], self.seconds)
+        })?;
+        if let Some(before) = &bpf_before {
+            let (cost, _) = bpf_cost::difference(before, &bpf_cost::programs(pids[0])?);
+            let per_request = cost.run_time_ns as f64 / t.requests.max(1) as f64;
+            run.figures.push((Metric::BpfNsPerRequest, per_request));
             progress(&format!(
-                "HTTP/2 ({}×{} streams): {:.0} req/s; server {cpu_us:.1} µs/req, {:.0}% of its core{}",
-                self.h2_connections,
-                self.h2_streams,
-                t.rps,
-                cpu.core_share() * 100.0,
-                errors_note(t.errors)
-            ));
-
-            let ((count, per_second), cpu) = self.with_cpu(server, || self.handshakes(ns))?;
-            let cpu_us = cpu.per_event_us(count);
-            run.figures.extend([
-                (Metric::HandshakesPerSec, per_second),
-                (Metric::HandshakeCpuUs, cpu_us),
-            ]);
-            let (user_us, system_us) = (
-                cpu.user / count as f64 * 1e6,
-                cpu.system / count as f64 * 1e6,
-            );
-            run.extra.extend([
-                ("handshake_server_user_us", user_us),
-                ("handshake_server_system_us", system_us),
-                ("handshake_server_core_share", cpu.core_share()),
-            ]);
-            progress(&format!(
-                "full TLS handshakes: {per_second:.0}/s ({count}); server {cpu_us:.1} µs each \
-                 ({user_us:.0} user + {system_us:.0} system), {:.0}% of its core",
-                cpu.core_share() * 100.0
-            ));
-
-            let (t, cpu) =
-                self.with_cpu(server, || self.wrk(ns, "http://127.0.0.1/", self.seconds))?;
-            let cpu_us = cpu.per_event_us(t.requests);
-            run.figures.extend([
-                (Metric::RedirectRps, t.rps),
-                (Metric::RedirectCpuUs, cpu_us),
-            ]);
-            run.errors.push(("redirect", t.errors));
-            run.extra
-                .push(("redirect_server_core_share", cpu.core_share()));
-            progress(&format!(
-                "plain HTTP → 308: {:.0} req/s; server {cpu_us:.1} µs/req, {:.0}% of its core{}",
-                t.rps,
-                cpu.core_share() * 100.0,
-                errors_note(t.errors)
+                "eBPF programs over that run: {} runs, {:.1} ms, {per_request:.0} ns per request",
+                cost.run_count,
+                cost.run_time_ns as f64 / 1e6
             ));
         }
+        if contender == Contender::AccessLog {
+            return self.finish(run, contender, server, serving, startup, progress);
+        }
+        let h1_many = Line {
+            what: format!("HTTP/1.1 keep-alive ×{}", self.h1_connections[1]),
+            json: "h1_many",
+            share: "h1_many_server_core_share",
+            rps: Metric::H1ManyRps,
+            p50: None,
+            p99: Some(Metric::H1ManyP99Ms),
+            cpu: Metric::H1ManyCpuUs,
+            instructions: Metric::H1ManyInstructions,
+        };
+        if all_lines {
+            self.line(&mut run, server, &h1_many, progress, || {
+                self.wrk(ns, url, self.h1_connections[1], self.seconds)
+            })?;
+        }
+        let h2_lines = [
+            (Metric::H2Rps, Metric::H2CpuUs, Metric::H2Instructions, "h2"),
+            (
+                Metric::H2WideRps,
+                Metric::H2WideCpuUs,
+                Metric::H2WideInstructions,
+                "h2_wide",
+            ),
+        ];
+        let shares = ["h2_server_core_share", "h2_wide_server_core_share"];
+        let h2_count = if all_lines { 2 } else { 1 };
+        for ((&(clients, streams), (rps, cpu, instructions, json)), share) in self
+            .h2_shapes
+            .iter()
+            .zip(h2_lines)
+            .zip(shares)
+            .take(h2_count)
+        {
+            let line = Line {
+                what: format!("HTTP/2 {clients}×{streams} streams"),
+                json,
+                share,
+                rps,
+                p50: None,
+                p99: None,
+                cpu,
+                instructions,
+            };
+            self.line(&mut run, server, &line, progress, || {
+                self.h2load(ns, clients, streams)
+            })?;
+        }
 
+        let bpf_before = bpf_stats
+            .as_ref()
+            .map(|_| bpf_cost::programs(pids[0]))
+            .transpose()?;
+        let ((count, per_second), cpu) = self.with_cpu(server, || self.handshakes(ns))?;
+        let cpu_us = cpu.per_event_us(count);
+        run.figures.extend([
+            (Metric::HandshakesPerSec, per_second),
+            (Metric::HandshakeCpuUs, cpu_us),
+        ]);
+        let (user_us, system_us) = (
+            cpu.user / count as f64 * 1e6,
+            cpu.system / count as f64 * 1e6,
+        );
+        run.extra.extend([
+            ("handshake_server_user_us", user_us),
+            ("handshake_server_system_us", system_us),
+            ("handshake_server_core_share", cpu.core_share()),
+        ]);
+        progress(&format!(
+            "full TLS handshakes: {per_second:.0}/s ({count}); server {cpu_us:.1} µs each \
+             ({user_us:.0} user + {system_us:.0} system), {}",
+            cpu.busy()
+        ));
+        if let Some(before) = &bpf_before {
+            let (cost, programs) = bpf_cost::difference(before, &bpf_cost::programs(pids[0])?);
+            let per_connection = cost.run_time_ns as f64 / count as f64;
+            let calls = cost.run_count as f64 / count as f64;
+            run.figures.extend([
+                (Metric::BpfNsPerConnection, per_connection),
+                (Metric::BpfCallsPerConnection, calls),
+            ]);
+            progress(&format!(
+                "eBPF programs over that run ({}): {per_connection:.0} ns and {calls:.1} runs \
+                 per connection",
+                programs.join(", ")
+            ));
+        }
+        drop(bpf_stats);
+
+        if all_lines {
+            self.resumed_line(&mut run, contender, ns, server, progress)?;
+        }
+
+        let (t, cpu) = self.with_cpu(server, || {
+            self.wrk(
+                ns,
+                "http://127.0.0.1/",
+                self.h1_connections[0],
+                self.seconds,
+            )
+        })?;
+        let cpu_us = cpu.per_event_us(t.requests);
+        run.figures.extend([
+            (Metric::RedirectRps, t.rps),
+            (Metric::RedirectCpuUs, cpu_us),
+        ]);
+        run.errors.push(("redirect", t.errors));
+        run.extra
+            .push(("redirect_server_core_share", cpu.core_share()));
+        progress(&format!(
+            "plain HTTP → 308: {:.0} req/s; server {cpu_us:.1} µs/req, {}{}",
+            t.rps,
+            cpu.busy(),
+            errors_note(t.errors)
+        ));
+        self.finish(run, contender, server, serving, startup, progress)
+    }
+
+    /// The resumed-handshake line; a contender that does not let the client resume fails it.
+    fn resumed_line(
+        &self,
+        run: &mut Run,
+        contender: Contender,
+        ns: &NetNs,
+        server: &Process,
+        progress: &dyn Fn(&str),
+    ) -> Result<()> {
+        let (resumed, cpu) = self.with_cpu(server, || {
+            self.s_time(ns, self.handshake_clients, self.seconds, "-reuse")
+        })?;
+        match resumed.check(contender.label()) {
+            Ok(()) => {
+                let cpu_us = cpu.per_event_us(resumed.handshakes);
+                run.figures.extend([
+                    (Metric::ResumedPerSec, resumed.per_second),
+                    (Metric::ResumedCpuUs, cpu_us),
+                ]);
+                progress(&format!(
+                    "resumed TLS 1.3 handshakes: {:.0}/s ({} of {} resumed); server {cpu_us:.1} µs each, {}",
+                    resumed.per_second,
+                    resumed.resumed,
+                    resumed.handshakes,
+                    cpu.busy()
+                ));
+            }
+            Err(e) => {
+                progress(&format!("FAILED resumed TLS 1.3 handshakes: {e:#}"));
+                run.failed.push(("resumed_handshakes", format!("{e:#}")));
+            }
+        }
+        run.extra.extend([
+            ("resumed_handshakes", resumed.handshakes as f64),
+            ("resumed_handshakes_resumed", resumed.resumed as f64),
+            ("resumed_server_core_share", cpu.core_share()),
+        ]);
+        Ok(())
+    }
+
+    /// One throughput line: `load` run with the server's CPU time (and instructions, where
+    /// counted) read around it, its figures added to `run` and printed.
+    fn line(
+        &self,
+        run: &mut Run,
+        server: &Process,
+        line: &Line,
+        progress: &dyn Fn(&str),
+        load: impl FnOnce() -> Result<Throughput>,
+    ) -> Result<Throughput> {
+        let (t, cpu, instructions) = if self.perf.is_ok() {
+            let ((t, cpu), instructions) =
+                perf_counters::count_during(&server.pids(), || self.with_cpu(server, load))?;
+            (t, cpu, Some(instructions))
+        } else {
+            let (t, cpu) = self.with_cpu(server, load)?;
+            (t, cpu, None)
+        };
+        if t.requests == 0 {
+            let why = format!("no request completed in {} s", self.seconds);
+            progress(&format!("FAILED {}: {why}", line.what));
+            run.failed.push((line.json, why));
+            return Ok(t);
+        }
+        let cpu_us = cpu.per_event_us(t.requests);
+        run.figures.extend([(line.rps, t.rps), (line.cpu, cpu_us)]);
+        let mut text = format!("{}: {:.0} req/s", line.what, t.rps);
+        for (metric, value, name) in [(line.p50, t.p50_ms, "p50"), (line.p99, t.p99_ms, "p99")] {
+            if let Some(metric) = metric {
+                let value = value.unwrap_or(f64::NAN);
+                run.figures.push((metric, value));
+                text += &format!(", {name} {value:.2} ms");
+            }
+        }
+        text += &format!("; server {cpu_us:.1} µs/req, {}", cpu.busy());
+        if let Some(count) = instructions {
+            let per_request = count as f64 / t.requests.max(1) as f64;
+            run.figures.push((line.instructions, per_request));
+            text += &format!(", {per_request:.0} instructions/req");
+        }
+        run.errors.push((line.json, t.errors));
+        run.extra.push((line.share, cpu.core_share()));
+        progress(&format!("{text}{}", errors_note(t.errors)));
+        Ok(t)
+    }
+
+    /// The peak RSS under load, and a last check that the server still runs.
+    fn finish(
+        &self,
+        mut run: Run,
+        contender: Contender,
+        server: &mut Process,
+        serving: &[Pid],
+        startup: u64,
+        progress: &dyn Fn(&str),
+    ) -> Result<Run> {
+        let pids = server.pids();
         let (mut peak, mut now) = (0, 0);
         for &pid in serving {
             let memory = usage::memory(pid)?;
@@ -207,27 +413,37 @@ impl Bench {
         Ok((value, cpu))
     }
 
-    fn wrk(&self, ns: &NetNs, url: &str, seconds: u64) -> Result<Throughput> {
+    fn wrk(&self, ns: &NetNs, url: &str, connections: usize, seconds: u64) -> Result<Throughput> {
         let mut cmd = pinned(ns, self.client_cpu, "wrk");
-        cmd.args(load::wrk_args(url, self.connections, seconds));
+        cmd.args(load::wrk_args(url, connections, seconds));
         load::parse_wrk(&command::output(&mut cmd)?).context("reading wrk's report")
     }
 
-    fn h2load(&self, ns: &NetNs) -> Result<Throughput> {
+    fn h2load(&self, ns: &NetNs, clients: usize, streams: usize) -> Result<Throughput> {
         let mut cmd = pinned(ns, self.client_cpu, "h2load");
+        let warm_up = if self.smoke { 0 } else { 1 };
         cmd.args(load::h2load_args(
             "https://127.0.0.1/",
-            self.h2_connections,
-            self.h2_streams,
+            clients,
+            streams,
+            warm_up,
             self.seconds,
         ));
         load::parse_h2load(&command::output(&mut cmd)?).context("reading h2load's report")
     }
 
     /// Full handshakes with `openssl s_time -new`, several in parallel on the client core:
-    /// the handshakes completed and their rate.
+    /// the handshakes completed and their rate; fails if s_time marked any resumed.
     pub(super) fn handshakes(&self, ns: &NetNs) -> Result<(u64, f64)> {
-        self.s_time(ns, self.handshake_clients, self.seconds, "-new")
+        let run = self.s_time(ns, self.handshake_clients, self.seconds, "-new")?;
+        if run.resumed > 0 {
+            bail!(
+                "openssl s_time -new resumed {} of {} handshakes",
+                run.resumed,
+                run.handshakes
+            );
+        }
+        Ok((run.handshakes, run.per_second))
     }
 
     /// `clients` parallel `openssl s_time` for `seconds`, with `-new` or `-reuse`.
@@ -237,42 +453,43 @@ impl Bench {
         clients: usize,
         seconds: u64,
         mode: &str,
-    ) -> Result<(u64, f64)> {
+    ) -> Result<Resumptions> {
         let start = Instant::now();
         let children = (0..clients)
             .map(|_| {
                 let mut cmd = pinned(ns, self.client_cpu, "openssl");
-                cmd.args(
-                    load::s_time_args(seconds)
-                        .iter()
-                        .map(|a| if a == "-new" { mode } else { a.as_str() }),
-                )
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("failed to start openssl s_time")
+                cmd.args(load::s_time_args(mode, seconds))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("failed to start openssl s_time")
             })
             .collect::<Result<Vec<Child>>>()?;
-        let mut total = 0;
+        let (mut total, mut resumed) = (0, 0);
         for child in children {
             let out = child.wait_with_output()?;
             let text = String::from_utf8_lossy(&out.stdout);
-            let (count, bytes) = load::parse_s_time(&text).with_context(|| {
+            let report = load::parse_s_time(&text).with_context(|| {
                 format!(
                     "reading openssl s_time's report: {}",
                     String::from_utf8_lossy(&out.stderr).trim()
                 )
             })?;
-            if count > 0 && bytes == 0 {
+            if report.connections > 0 && report.bytes_per_connection == 0 {
                 bail!("openssl s_time read no response over its connections");
             }
-            total += count;
+            total += report.connections;
+            resumed += report.resumed;
         }
         if total == 0 {
             bail!("openssl s_time completed no connection");
         }
-        Ok((total, total as f64 / start.elapsed().as_secs_f64()))
+        Ok(Resumptions {
+            handshakes: total,
+            resumed,
+            per_second: total as f64 / start.elapsed().as_secs_f64(),
+        })
     }
 }
 
@@ -297,6 +514,16 @@ impl Cpu {
     /// How much of one core the server used: near 1 when it was the bottleneck.
     pub(super) fn core_share(self) -> f64 {
         (self.user + self.system) / self.wall
+    }
+
+    /// The core's use as printed with every line: CPU seconds over wall seconds.
+    pub(super) fn busy(self) -> String {
+        format!(
+            "core {:.0}% busy ({:.2} CPU s / {:.2} s)",
+            self.core_share() * 100.0,
+            self.user + self.system,
+            self.wall
+        )
     }
 }
 

@@ -6,30 +6,52 @@
 //! report gives medians with min–max, the ratios proxy/nginx, proxy/best peer and
 //! attached/detached, and the targets. A markdown table is printed at the end and the raw
 //! figures written to `target/bench/bench-<UTC time>.json`. `--smoke` runs the harness
-//! itself (every contender started, checked and loaded for a second, no report) for the
-//! test suite.
+//! itself for the test suite (every contender started, checked and loaded for a second, every
+//! scenario below run at least once at a tiny size, no report).
 //!
-//! Scenarios: HTTP/1.1 keep-alive over TLS (`wrk --latency`), HTTP/2 with multiplexing
-//! (`h2load -c N -m M`), full TLS handshakes (`openssl s_time -new`, one request per
-//! connection, never resumed; the server CPU time per handshake is the figure, since the
-//! client is the limit), plain HTTP → 308 (`wrk` on :80), and each server's peak RSS.
+//! Scenarios, each line with the server's CPU µs per request or handshake and the share of
+//! its core it used (CPU seconds over wall seconds):
+//!
+//! - HTTP/1.1 keep-alive over TLS at two connection counts (`wrk --latency -c 50`, `-c 500`);
+//! - HTTP/2 at two shapes (`h2load -c 16 -m 32`, `-c 50 -m 10`);
+//! - full TLS handshakes (`openssl s_time -new`, one request per connection, never resumed;
+//!   the server CPU time per handshake is the figure, since the client is the limit);
+//! - resumed TLS 1.3 handshakes, one request per connection (`openssl s_time -reuse`, whose
+//!   per-connection marks prove the run resumed: [`resumption`]);
+//! - plain HTTP → 308 (`wrk` on :80), and each server's peak RSS;
+//! - where `perf stat` counts instructions ([`perf_counters`]), instructions per request on
+//!   the HTTP/1.1 and HTTP/2 lines, else the JSON says why not;
+//! - for the attached proxy, its eBPF programs' run time per connection (full-handshake run)
+//!   and per request (HTTP/1.1 run) and runs per connection ([`bpf_cost`]);
+//! - after the repetitions, once per contender, the cost of N idle keep-alive connections,
+//!   HTTP/1.1 and h2 ([`idle`]: server RSS and kernel TCP memory per connection, p99 of a small
+//!   active client meanwhile, every connection held checked with `ss`);
+//! - before the repetitions, the proxy's connection cap shown at work ([`cap_demo`]), a fact
+//!   line, not a comparison.
 
 mod answer;
+mod bpf_cost;
+mod cap_demo;
 mod h2o;
 mod handshake_check;
 mod haproxy;
+mod idle;
 mod install;
 mod load;
 mod measure;
+mod metric;
 mod nginx;
+mod perf_counters;
 mod report;
+mod resumption;
 mod servers;
+mod tls_client;
 
 use std::{
     fs,
     path::Path,
     process::{Command, ExitCode},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -38,7 +60,7 @@ use serde_json::json;
 
 use crate::{deps, ebpf, exec::exec, privilege, workspace};
 use measure::Bench;
-use report::{Contender, Results};
+use report::{Contender, Results, Shapes};
 
 /// Names of the namespaces this task creates: the prefix, then the creating process's id.
 const NETNS_PREFIX: &str = "xtask-bench";
@@ -46,11 +68,13 @@ const NETNS_PREFIX: &str = "xtask-bench";
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Options {
-    /// Two repetitions of 3-second runs (about four minutes) instead of 5 of 8 seconds.
+    /// Two repetitions of 2-second runs and 2000 idle connections (under five minutes)
+    /// instead of 5 of 5 seconds and 18000 (under half an hour).
     #[arg(long)]
     pub quick: bool,
     /// Check the harness, not the servers: the debug proxy and every peer started, their
-    /// answers checked, one repetition of 1-second runs, no access-log run and no report.
+    /// answers checked, one repetition of 1-second runs, 100 idle connections, no access-log
+    /// run and no report.
     #[arg(long, conflicts_with = "quick")]
     pub smoke: bool,
     /// The core the server (the proxy or a peer) is pinned to.
@@ -62,19 +86,36 @@ pub(crate) struct Options {
     /// Repetitions of each contender [default: 5, --quick: 2].
     #[arg(long)]
     pub reps: Option<usize>,
-    /// Seconds of each measured run [default: 8, --quick: 3].
+    /// Seconds of each measured run [default: 5, --quick: 2].
     #[arg(long)]
     pub seconds: Option<u64>,
-    /// HTTP/1.1 keep-alive connections (wrk -c).
-    #[arg(long, default_value_t = 64)]
+    /// HTTP/1.1 keep-alive connections of the first HTTP/1.1 line (wrk -c).
+    #[arg(long, default_value_t = 50)]
     pub connections: usize,
-    /// HTTP/2 connections (h2load -c).
+    /// HTTP/1.1 keep-alive connections of the second HTTP/1.1 line (wrk -c).
+    #[arg(long, default_value_t = 500)]
+    pub many_connections: usize,
+    /// HTTP/2 connections of the first HTTP/2 line (h2load -c).
     #[arg(long, default_value_t = 16)]
     pub h2_connections: usize,
-    /// Concurrent streams per HTTP/2 connection (h2load -m).
+    /// Concurrent streams per connection of the first HTTP/2 line (h2load -m).
     #[arg(long, default_value_t = 32)]
     pub h2_streams: usize,
-    /// Parallel `openssl s_time -new` clients for the full-handshake run.
+    /// HTTP/2 connections of the second HTTP/2 line (h2load -c).
+    #[arg(long, default_value_t = 50)]
+    pub h2_wide_connections: usize,
+    /// Concurrent streams per connection of the second HTTP/2 line (h2load -m).
+    #[arg(long, default_value_t = 10)]
+    pub h2_wide_streams: usize,
+    /// Idle connections held open per contender and protocol, below the open-file hard limit
+    /// [default: 18000, --quick: 2000, --smoke: 100].
+    #[arg(long)]
+    pub idle_connections: Option<usize>,
+    /// The proxy's connection cap in the cap demonstration.
+    #[arg(long, default_value_t = 50)]
+    pub cap: usize,
+    /// Parallel `openssl s_time -new` clients for the full-handshake run, and connections at
+    /// a time of the resumed-handshake run.
     #[arg(long, default_value_t = 4)]
     pub handshake_clients: usize,
     /// Leave out the run with the proxy's access log on.
@@ -128,10 +169,18 @@ fn run(opts: Options) -> Result<()> {
         1
     } else {
         opts.seconds
-            .unwrap_or(if opts.quick { 3 } else { 8 })
+            .unwrap_or(if opts.quick { 2 } else { 5 })
             .max(1)
     };
+    let idle_n = match (opts.idle_connections, opts.smoke, opts.quick) {
+        (Some(n), _, _) => n,
+        (None, true, _) => 100,
+        (None, false, true) => 2000,
+        (None, false, false) => 18_000,
+    }
+    .max(1);
     check_machine(&opts)?;
+    raise_descriptor_limit(idle_n)?;
     for name in netns::remove_stale(NETNS_PREFIX)? {
         println!("removed network namespace {name} left by an interrupted run");
     }
@@ -161,11 +210,19 @@ fn run(opts: Options) -> Result<()> {
         server_cpu: opts.server_cpu,
         client_cpu: opts.client_cpu,
         seconds,
-        connections: opts.connections,
-        h2_connections: opts.h2_connections,
-        h2_streams: opts.h2_streams,
+        h1_connections: [opts.connections, opts.many_connections],
+        h2_shapes: [
+            (opts.h2_connections, opts.h2_streams),
+            (opts.h2_wide_connections, opts.h2_wide_streams),
+        ],
         handshake_clients: opts.handshake_clients.max(1),
+        perf: perf_counters::probe(),
+        smoke: opts.smoke,
     };
+    match &bench.perf {
+        Ok(()) => println!("perf stat counts instructions here: instructions per request included"),
+        Err(why) => println!("SKIPPED instructions per request: {why}"),
+    }
     // The smoke run leaves out the detached proxy: the same binary, and the run's second.
     let mut contenders = if opts.smoke {
         vec![Contender::Attached]
@@ -189,15 +246,48 @@ fn run(opts: Options) -> Result<()> {
 
     let mut fresh_ns = || Ok(NetNs::create(NETNS_PREFIX)?);
     let handshake_check = handshake_check::check(&bench, &mut fresh_ns)?;
-
-    let per_run = |c: Contender| match c {
-        Contender::AccessLog => seconds + 4,
-        _ => 4 * seconds + 6,
+    println!("==> the connection cap at work (proxy only)");
+    let cap_demo = {
+        let ns = fresh_ns()?;
+        let hold = Duration::from_millis(if opts.smoke { 300 } else { 1000 });
+        bench.cap_demo(&ns, opts.cap.max(1), hold)?
     };
+    println!("    {}", cap_demo.line());
+
+    // Seconds each run takes: its measured seconds, the warm-ups (1 s each, none in the smoke
+    // run, whose peers also leave out three lines), start and checks.
+    let per_run = |c: Contender| match (c, opts.smoke) {
+        (Contender::AccessLog, _) => seconds + 4,
+        (_, false) => 7 * seconds + 7,
+        (c, true) if c.is_peer() => 4 * seconds + 2,
+        (_, true) => 7 * seconds + 2,
+    };
+    let idle_contenders: Vec<Contender> = contenders
+        .iter()
+        .copied()
+        .filter(|&c| c != Contender::AccessLog)
+        .collect();
+    // Opening runs at about 500 full handshakes a second on the two cores; then the probe,
+    // and a server started for each protocol.
+    let idle_plan = idle_contenders.len() as u64 * 2 * (idle_n as u64 / 500 + seconds + 3);
     let total: u64 = reps as u64 * contenders.iter().map(|&c| per_run(c)).sum::<u64>();
+    println!(
+        "==> plan: {reps} repetitions of {} contenders (~{}), then {idle_n} idle connections \
+         per contender and protocol (~{})",
+        contenders.len(),
+        minutes(total),
+        minutes(idle_plan)
+    );
     let runs = reps * contenders.len();
     let measuring = Instant::now();
-    let mut results = Results::default();
+    let mut results = Results {
+        runs: Vec::new(),
+        shapes: Shapes {
+            h1: bench.h1_connections,
+            h2: bench.h2_shapes,
+            idle: idle_n,
+        },
+    };
     for rep in 1..=reps {
         for (i, &contender) in contenders.iter().enumerate() {
             let done = (rep - 1) * contenders.len() + i;
@@ -226,6 +316,30 @@ fn run(opts: Options) -> Result<()> {
             drop(ns);
             results.runs.push(run);
         }
+    }
+
+    println!("==> idle connections: {idle_n} per contender and protocol");
+    results.runs.extend(idle::phase(
+        &bench,
+        &idle_contenders,
+        idle_n,
+        &mut fresh_ns,
+    )?);
+
+    let failed: Vec<String> = results
+        .runs
+        .iter()
+        .flat_map(|run| {
+            run.failed
+                .iter()
+                .map(move |(line, why)| format!("{} {line}: {why}", run.contender.label()))
+        })
+        .collect();
+    if !failed.is_empty() {
+        println!(
+            "FAILED lines, left out of the figures:\n  {}",
+            failed.join("\n  ")
+        );
     }
 
     if opts.smoke {
@@ -264,15 +378,24 @@ fn run(opts: Options) -> Result<()> {
     json["machine"] = machine(&loadavg);
     json["tools"] = tools(&bench);
     json["handshake_check"] = handshake_check;
+    json["cap_demo"] = cap_demo.json();
+    json["perf_instructions"] = match &bench.perf {
+        Ok(()) => json!({"available": true}),
+        Err(why) => json!({"available": false, "reason": why}),
+    };
     json["settings"] = json!({
         "reps": reps,
         "seconds": seconds,
         "server_cpu": opts.server_cpu,
         "client_cpu": opts.client_cpu,
-        "wrk_connections": opts.connections,
-        "h2load_connections": opts.h2_connections,
-        "h2load_streams": opts.h2_streams,
+        "wrk_connections": bench.h1_connections,
+        "h2load_shapes": bench.h2_shapes.iter().map(|(c, m)| json!({"connections": c, "streams": m})).collect::<Vec<_>>(),
         "s_time_clients": bench.handshake_clients,
+        "resumption_clients": bench.handshake_clients,
+        "resumption_min_share": resumption::MIN_RESUMED_SHARE,
+        "idle_connections": idle_n,
+        "idle_note": "server RSS is VmRSS (nginx: the worker) before opening vs with all open; kernel TCP is sockstat's TCP mem, a host-wide counter that covers both ends on loopback; every contender started with its connection limit raised above the idle count",
+        "bpf_stats": "kernel.bpf_stats_enabled=1 only while the attached proxy is measured, restored after",
         "proxy_log": "PROXY_LOG=warn (access log off) except the access-log run (info, to /dev/null)",
         "nginx": "worker_processes 1 pinned, access_log off, keepalive_requests 1000000, keepalive_timeout 3600s",
         "haproxy": "nbthread 1, cpu-map to the server core, no log, http-request return (no backend), timeout client/http-request/http-keep-alive 1h",
@@ -289,6 +412,24 @@ fn run(opts: Options) -> Result<()> {
         path.display(),
         minutes(started.elapsed().as_secs())
     );
+    Ok(())
+}
+
+/// Raises this process's soft open-file limit to its hard limit, which the servers inherit:
+/// the idle scenario holds `idle` connections here and in the server.
+fn raise_descriptor_limit(idle: usize) -> Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising RLIMIT_NOFILE")?;
+    // nginx needs the most: a sixteenth more connections than it holds (see `nginx.rs`),
+    // plus its listeners, logs and the probe client's connections.
+    let needed = idle as u64 * 16 / 15 + 512;
+    if hard < needed {
+        bail!(
+            "{idle} idle connections need {needed} open files per process and the hard limit \
+             is {hard} (ulimit -Hn): lower --idle-connections"
+        );
+    }
     Ok(())
 }
 

@@ -49,6 +49,8 @@ pub(super) struct Settings<'a> {
     pub version: (u32, u32, u32),
     /// Log `$ssl_session_reused` per request to this file (the handshake check), else no log.
     pub resumption_log: Option<&'a Path>,
+    /// Connections the worker must hold at once, when above the usual 1024.
+    pub max_connections: Option<usize>,
 }
 
 /// The nginx.conf for `settings`.
@@ -70,14 +72,27 @@ pub(super) fn config(s: &Settings<'_>) -> String {
         None => "access_log off;".to_owned(),
     };
     let mask = affinity_mask(s.cpu);
+    // nginx closes idle keep-alive connections once fewer than a sixteenth of its connections
+    // are free (`ngx_drain_connections`), so holding n takes n × 16/15 of them; one
+    // descriptor each, plus the listeners and logs.
+    let (connections, rlimit) = match s.max_connections {
+        Some(n) => {
+            let connections = n * 16 / 15 + 1;
+            (
+                connections,
+                format!("\nworker_rlimit_nofile {};", connections + 256),
+            )
+        }
+        None => (1024, String::new()),
+    };
     format!(
         r#"# Written by `cargo xtask bench`: the proxy's static answer, certificate and protocols.
 worker_processes 1;
-worker_cpu_affinity {mask};
+worker_cpu_affinity {mask};{rlimit}
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{
-    worker_connections 1024;
+    worker_connections {connections};
 }}
 http {{
     {access_log}
@@ -176,6 +191,7 @@ mod tests {
             cpu: 1,
             version: (1, 22, 1),
             resumption_log: None,
+            max_connections: None,
         };
         let conf = config(&settings);
         for line in [
@@ -196,6 +212,14 @@ mod tests {
             assert!(conf.contains(line), "{line} missing from\n{conf}");
         }
         assert!(!conf.contains("http2 on;"), "{conf}");
+        assert!(conf.contains("worker_connections 1024;"), "{conf}");
+        assert!(!conf.contains("worker_rlimit_nofile"), "{conf}");
+        let many = config(&Settings {
+            max_connections: Some(18_100),
+            ..settings.clone()
+        });
+        assert!(many.contains("worker_connections 19307;"), "{many}");
+        assert!(many.contains("worker_rlimit_nofile 19563;"), "{many}");
         let newer = config(&Settings {
             version: (1, 26, 0),
             resumption_log: Some(Path::new("/tmp/b/r.log")),

@@ -7,6 +7,8 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
+pub(super) use super::metric::{Metric, Shapes};
+
 /// What is measured, each against a fresh server in a fresh namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Contender {
@@ -64,91 +66,6 @@ impl Contender {
     }
 }
 
-/// One figure of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Metric {
-    H1Rps,
-    H1P50Ms,
-    H1P99Ms,
-    H1CpuUs,
-    H2Rps,
-    H2CpuUs,
-    HandshakesPerSec,
-    HandshakeCpuUs,
-    RedirectRps,
-    RedirectCpuUs,
-    RssMib,
-}
-
-impl Metric {
-    pub(super) const ALL: [Metric; 11] = [
-        Metric::H1Rps,
-        Metric::H1P50Ms,
-        Metric::H1P99Ms,
-        Metric::H1CpuUs,
-        Metric::H2Rps,
-        Metric::H2CpuUs,
-        Metric::HandshakesPerSec,
-        Metric::HandshakeCpuUs,
-        Metric::RedirectRps,
-        Metric::RedirectCpuUs,
-        Metric::RssMib,
-    ];
-
-    pub(super) fn key(self) -> &'static str {
-        match self {
-            Metric::H1Rps => "h1_requests_per_second",
-            Metric::H1P50Ms => "h1_p50_ms",
-            Metric::H1P99Ms => "h1_p99_ms",
-            Metric::H1CpuUs => "h1_server_cpu_us_per_request",
-            Metric::H2Rps => "h2_requests_per_second",
-            Metric::H2CpuUs => "h2_server_cpu_us_per_request",
-            Metric::HandshakesPerSec => "full_handshakes_per_second",
-            Metric::HandshakeCpuUs => "server_cpu_us_per_full_handshake",
-            Metric::RedirectRps => "redirect_requests_per_second",
-            Metric::RedirectCpuUs => "redirect_server_cpu_us_per_request",
-            Metric::RssMib => "peak_rss_mib",
-        }
-    }
-
-    pub(super) fn label(self) -> &'static str {
-        match self {
-            Metric::H1Rps => "HTTP/1.1 keep-alive, req/s",
-            Metric::H1P50Ms => "HTTP/1.1 keep-alive, p50 ms",
-            Metric::H1P99Ms => "HTTP/1.1 keep-alive, p99 ms",
-            Metric::H1CpuUs => "HTTP/1.1 keep-alive, server CPU µs/req",
-            Metric::H2Rps => "HTTP/2 multiplexed, req/s",
-            Metric::H2CpuUs => "HTTP/2 multiplexed, server CPU µs/req",
-            Metric::HandshakesPerSec => "full TLS handshakes/s (client-bound)",
-            Metric::HandshakeCpuUs => "server CPU µs per full handshake",
-            Metric::RedirectRps => "plain HTTP → 308, req/s",
-            Metric::RedirectCpuUs => "plain HTTP → 308, server CPU µs/req",
-            Metric::RssMib => "peak RSS under load, MiB",
-        }
-    }
-
-    /// Whether a larger figure is the better one (throughput), or a smaller (latency, CPU,
-    /// memory).
-    pub(super) fn higher_is_better(self) -> bool {
-        matches!(
-            self,
-            Metric::H1Rps | Metric::H2Rps | Metric::HandshakesPerSec | Metric::RedirectRps
-        )
-    }
-
-    fn decimals(self) -> usize {
-        match self {
-            Metric::H1Rps | Metric::H2Rps | Metric::HandshakesPerSec | Metric::RedirectRps => 0,
-            Metric::H1P50Ms | Metric::H1P99Ms => 2,
-            Metric::H1CpuUs
-            | Metric::H2CpuUs
-            | Metric::HandshakeCpuUs
-            | Metric::RedirectCpuUs
-            | Metric::RssMib => 1,
-        }
-    }
-}
-
 /// The figures of one contender in one repetition.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Run {
@@ -159,6 +76,8 @@ pub(super) struct Run {
     pub errors: Vec<(&'static str, u64)>,
     /// Anything else worth keeping (e.g. the nginx master's RSS), for the JSON only.
     pub extra: Vec<(&'static str, f64)>,
+    /// Lines that could not be measured as asked, and why: their figures are left out.
+    pub failed: Vec<(&'static str, String)>,
 }
 
 /// Median, minimum and maximum of a metric over the repetitions.
@@ -191,10 +110,11 @@ pub(super) fn summarize(values: &[f64]) -> Option<Summary> {
     })
 }
 
-/// `a / b` of the medians, when both exist and `b` is not zero.
+/// `a / b` of the medians, when both exist and are above zero (a figure that is zero or
+/// below, such as kernel memory that did not grow, has no meaningful ratio).
 pub(super) fn ratio(a: Option<Summary>, b: Option<Summary>) -> Option<f64> {
     let (a, b) = (a?, b?);
-    (b.median != 0.0).then(|| a.median / b.median)
+    (a.median > 0.0 && b.median > 0.0).then(|| a.median / b.median)
 }
 
 /// A goal the issue set: `metric` of `of` divided by that of `over`, against a bound.
@@ -338,10 +258,11 @@ pub(super) const TARGETS: [Target; 14] = {
     ]
 };
 
-/// Every run of a benchmark.
+/// Every run of a benchmark, and the shapes of its loads.
 #[derive(Debug, Default)]
 pub(super) struct Results {
     pub runs: Vec<Run>,
+    pub shapes: Shapes,
 }
 
 impl Results {
@@ -396,8 +317,12 @@ impl Results {
         out += " proxy/nginx | proxy/best peer | attached/detached |\n|---|";
         out += &"---:|".repeat(contenders.len() + 3);
         out += "\n";
-        for metric in Metric::ALL {
-            let _ = write!(out, "| {} |", metric.label());
+        // A figure nobody measured here (e.g. instructions without a counter) has no row.
+        let measured = Metric::ALL
+            .into_iter()
+            .filter(|&m| contenders.iter().any(|&c| self.summary(c, m).is_some()));
+        for metric in measured {
+            let _ = write!(out, "| {} |", metric.label(&self.shapes));
             for &c in &contenders {
                 let cell = self
                     .summary(c, metric)
@@ -485,12 +410,18 @@ impl Results {
                     .iter()
                     .map(|(k, v)| ((*k).to_owned(), json!(v)))
                     .collect();
+                let failed: serde_json::Map<String, Value> = run
+                    .failed
+                    .iter()
+                    .map(|(k, why)| ((*k).to_owned(), json!(why)))
+                    .collect();
                 json!({
                     "contender": run.contender.key(),
                     "rep": run.rep,
                     "figures": figures,
                     "errors": errors,
                     "extra": extra,
+                    "failed": failed,
                 })
             })
             .collect();
@@ -562,6 +493,7 @@ mod tests {
             Some(1.25),
         );
         check(ratio(s(1.0, 0.0, 0.0, 1), s(0.0, 0.0, 0.0, 1)), None);
+        check(ratio(s(-0.05, 0.0, 0.0, 1), s(0.05, 0.0, 0.0, 1)), None);
         check(ratio(None, s(1.0, 0.0, 0.0, 1)), None);
         check(Bound::AtLeast(1.25).met(1.25), true);
         check(Bound::AtLeast(1.25).met(1.2), false);
@@ -604,6 +536,7 @@ mod tests {
             rep: 1,
             figures: vec![(metric, value)],
             errors: vec![],
+            failed: vec![],
             extra: vec![],
         };
         let results = Results {
@@ -616,6 +549,7 @@ mod tests {
                 run(Contender::Haproxy, Metric::H1CpuUs, 12.0),
                 run(Contender::Attached, Metric::RssMib, 10.0),
             ],
+            shapes: Shapes::default(),
         };
         check(
             results.against_best_peer(Metric::H1Rps),
@@ -635,6 +569,7 @@ mod tests {
             rep,
             figures: vec![(Metric::H1Rps, rps)],
             errors: vec![],
+            failed: vec![],
             extra: vec![],
         };
         let results = Results {
@@ -646,11 +581,12 @@ mod tests {
                 run(Contender::Haproxy, 1, 100.0),
                 run(Contender::H2o, 1, 90.0),
             ],
+            shapes: Shapes::default(),
         };
         let table = results.markdown();
         assert!(
             table.contains(
-                "| HTTP/1.1 keep-alive, req/s | 110 (100–120) | 80 | 100 | 90 | 1.38× | 1.10× (HAProxy) | – |"
+                "| HTTP/1.1 keep-alive ×50, req/s | 110 (100–120) | 80 | 100 | 90 | 1.38× | 1.10× (HAProxy) | – |"
             ),
             "{table}"
         );

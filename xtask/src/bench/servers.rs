@@ -20,17 +20,56 @@ use super::{answer, h2o, haproxy, measure::Bench, nginx, report::Contender};
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a server gets to stop on SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Connections allowed beyond those the bench holds: readiness checks, the probe client.
+const CAPACITY_MARGIN: usize = 100;
 
 impl Bench {
     /// Starts `contender` in `ns` and waits until it answers; checks the answer and, for the
     /// proxy, whether its eBPF program is attached as asked.
     pub(super) fn start(&self, contender: Contender, ns: &NetNs) -> Result<Process> {
+        self.start_for(contender, ns, None)
+    }
+
+    /// [`Bench::start`], with room for `capacity` connections held open at once when given:
+    /// every contender's connection limit raised above it (the proxy's `--max-connections`,
+    /// nginx's `worker_connections`, HAProxy's `maxconn`, h2o's `max-connections`) and the
+    /// proxy's idle and first-request deadlines made as long as the peers' (an hour): its
+    /// HTTP/1.1 connections wait for their next request head under the first-request deadline
+    /// (`--header-read-timeout`, hyper's), which would close them after 10 s.
+    pub(super) fn start_for(
+        &self,
+        contender: Contender,
+        ns: &NetNs,
+        capacity: Option<usize>,
+    ) -> Result<Process> {
+        let limit = capacity.map(|n| (n + CAPACITY_MARGIN).to_string());
+        let proxy_args: Vec<&str> = match &limit {
+            Some(limit) => vec![
+                "--max-connections",
+                limit,
+                "--idle-timeout",
+                "1h",
+                "--header-read-timeout",
+                "1h",
+            ],
+            None => vec![],
+        };
         let mut server = match contender {
             Contender::Nginx | Contender::Haproxy | Contender::H2o => {
-                self.start_peer(ns, contender, contender.key(), false)?.0
+                let name = match capacity {
+                    Some(_) => format!("{}-idle", contender.key()),
+                    None => contender.key().to_owned(),
+                };
+                let peer = Peer {
+                    contender,
+                    name: &name,
+                    resumption_log: false,
+                    capacity: capacity.map(|n| n + CAPACITY_MARGIN),
+                };
+                self.start_peer(ns, &peer)?.0
             }
             Contender::AccessLog => {
-                self.start_proxy(ns, "required", "info", Path::new("/dev/null"))?
+                self.start_proxy_with(ns, "required", "info", Path::new("/dev/null"), &proxy_args)?
             }
             Contender::Attached | Contender::Detached => {
                 let ebpf = if contender == Contender::Attached {
@@ -39,7 +78,7 @@ impl Bench {
                     "off"
                 };
                 let log = self.dir.join(format!("{}.log", contender.key()));
-                self.start_proxy(ns, ebpf, "warn", &log)?
+                self.start_proxy_with(ns, ebpf, "warn", &log, &proxy_args)?
             }
         };
         wait_ready(ns, &mut server)?;
@@ -77,28 +116,39 @@ impl Bench {
         filter: &str,
         log: &Path,
     ) -> Result<Process> {
+        self.start_proxy_with(ns, ebpf, filter, log, &[])
+    }
+
+    /// [`Bench::start_proxy`] with more `proxy serve` arguments.
+    pub(super) fn start_proxy_with(
+        &self,
+        ns: &NetNs,
+        ebpf: &str,
+        filter: &str,
+        log: &Path,
+        args: &[&str],
+    ) -> Result<Process> {
         let mut cmd = pinned(ns, self.server_cpu, &self.proxy.to_string_lossy());
         cmd.arg("serve")
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(["--ebpf", ebpf, "--drain-timeout", "1s"])
+            .args(args)
             .env("PROXY_LOG", filter);
         let mut server = start_server("proxy", &mut cmd, log)?;
         wait_ready(ns, &mut server)?;
         Ok(server)
     }
 
-    /// A peer (nginx, HAProxy, h2o) with its generated configuration in its own directory
-    /// `name` under the bench's, ready. With `resumption_log` it logs, per request, whether the
-    /// TLS session was resumed and the HTTP version (first and last field), to the file
-    /// returned.
-    pub(super) fn start_peer(
-        &self,
-        ns: &NetNs,
-        contender: Contender,
-        name: &str,
-        resumption_log: bool,
-    ) -> Result<(Process, PathBuf)> {
+    /// A peer with its generated configuration in its own directory under the bench's,
+    /// ready; with its resumption log, the file the log goes to.
+    pub(super) fn start_peer(&self, ns: &NetNs, peer: &Peer<'_>) -> Result<(Process, PathBuf)> {
+        let Peer {
+            contender,
+            name,
+            resumption_log,
+            capacity,
+        } = *peer;
         let dir = self.dir.join(name);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let out = dir.join("server.out");
@@ -113,6 +163,7 @@ impl Bench {
                     cpu: self.server_cpu,
                     version: *version,
                     resumption_log: resumption_log.then_some(log.as_path()),
+                    max_connections: capacity,
                 });
                 fs::write(dir.join("nginx.conf"), conf)?;
                 (bin, nginx::args(&dir))
@@ -127,6 +178,7 @@ impl Bench {
                     dir: &dir,
                     cpu: self.server_cpu,
                     resumption_log,
+                    max_connections: capacity,
                 });
                 fs::write(dir.join("haproxy.cfg"), conf)?;
                 // It logs to standard output.
@@ -139,6 +191,7 @@ impl Bench {
                     dir: &dir,
                     state_dir: &state,
                     resumption_log: resumption_log.then_some(log.as_path()),
+                    max_connections: capacity,
                 });
                 fs::write(dir.join("h2o.conf"), conf)?;
                 (bin, h2o::args(&dir))
@@ -151,6 +204,19 @@ impl Bench {
         wait_ready(ns, &mut server)?;
         Ok((server, log))
     }
+}
+
+/// A peer (nginx, HAProxy, h2o) to start.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Peer<'a> {
+    pub contender: Contender,
+    /// Its directory under the bench's.
+    pub name: &'a str,
+    /// Log, per request, whether the TLS session was resumed and the HTTP version (first and
+    /// last field).
+    pub resumption_log: bool,
+    /// Connections it must be able to hold at once, when above its usual limit.
+    pub capacity: Option<usize>,
 }
 
 /// `curl -sk ARGS URL` in `ns`, its standard output.
