@@ -33,9 +33,7 @@ impl Bench {
     /// [`Bench::start`], with room for `capacity` connections held open at once when given:
     /// every contender's connection limit raised above it (the proxy's `--max-connections`,
     /// nginx's `worker_connections`, HAProxy's `maxconn`, h2o's `max-connections`) and the
-    /// proxy's idle and first-request deadlines made as long as the peers' (an hour): its
-    /// HTTP/1.1 connections wait for their next request head under the first-request deadline
-    /// (`--header-read-timeout`, hyper's), which would close them after 10 s.
+    /// proxy's idle deadline made as long as the peers' (an hour).
     pub(super) fn start_for(
         &self,
         contender: Contender,
@@ -44,14 +42,7 @@ impl Bench {
     ) -> Result<Process> {
         let limit = capacity.map(|n| (n + CAPACITY_MARGIN).to_string());
         let proxy_args: Vec<&str> = match &limit {
-            Some(limit) => vec![
-                "--max-connections",
-                limit,
-                "--idle-timeout",
-                "1h",
-                "--header-read-timeout",
-                "1h",
-            ],
+            Some(limit) => vec!["--max-connections", limit, "--idle-timeout", "1h"],
             None => vec![],
         };
         let mut server = match contender {
