@@ -462,3 +462,35 @@ fn the_open_file_limit_is_raised_for_the_connection_cap_or_reported() {
         );
     }
 }
+
+/// The shipped backend keeps an idle keep-alive connection longer than the proxy's pool does
+/// (30 s), so the proxy reuses it after a pause instead of racing the backend's close: after
+/// 12 s idle (past hyper's 10 s default the backend once used), the second request goes over
+/// the first request's connection.
+#[test]
+fn the_shipped_backend_keeps_pooled_connections_past_ten_seconds() {
+    let Some(env) = TestEnv::new("backend-keepalive") else {
+        return;
+    };
+    let _backend = env.backend("127.0.0.1:8080");
+    let proxy = env.serve(&["--upstream", "http://127.0.0.1:8080"]);
+    let tls = proxy.tls();
+    let opened = |env: &TestEnv| {
+        env.metrics().value(
+            "proxy_upstream_connections_total",
+            &[("backend", "127.0.0.1:8080")],
+        )
+    };
+    for pause in [Duration::ZERO, Duration::from_secs(12)] {
+        std::thread::sleep(pause);
+        let resp = env
+            .run(|| client::https(&tls, Req::get("/")))
+            .unwrap_or_else(|e| panic!("GET / after {pause:?}: {e}"));
+        assert_eq!(resp.status, StatusCode::OK, "after {pause:?}: {resp:?}");
+    }
+    assert_eq!(
+        opened(&env),
+        1.0,
+        "the proxy opened a new upstream connection after 12 s idle: the backend closed the pooled one"
+    );
+}

@@ -35,9 +35,14 @@ pub(crate) async fn run(listen: SocketAddr) -> Result<(), ListenError> {
                 let response = static_site(request.method(), request.uri().path());
                 async move { Ok::<_, Infallible>(response) }
             });
+            // hyper's header-read timer also runs while a kept-alive connection waits for its
+            // next request, so it is the backend's idle timeout too: longer than the proxy's
+            // pool keeps idle connections (30 s), so that the pool, not the backend, closes
+            // them and no request is sent on a connection the backend is closing. 75 s is
+            // nginx's keepalive_timeout.
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(Duration::from_secs(75))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
