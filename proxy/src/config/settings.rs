@@ -114,10 +114,12 @@ pub(crate) struct Settings {
     /// Deadline for a TLS handshake.
     #[arg(long, env = "PROXY_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) tls_handshake_timeout: Duration,
-    /// Deadline for the first request of a connection and for each request head.
+    /// Deadline for a connection's first request head (later ones fall under the idle
+    /// timeout).
     #[arg(long, env = "PROXY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) header_read_timeout: Duration,
-    /// A connection with no request in flight for this long is closed.
+    /// A connection with no request in flight for this long is closed (a keep-alive wait
+    /// and a later request's head included).
     #[arg(long, env = "PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) idle_timeout: Duration,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
