@@ -45,6 +45,7 @@ mod perf_counters;
 mod report;
 mod resumption;
 mod servers;
+mod targets;
 mod tls_client;
 
 use std::{
