@@ -1,4 +1,4 @@
-//! HTTP: the accept loops and the life of each client connection (connection cap, TLS
+//! HTTP: the accept loop and the life of each client connection (connection cap, TLS
 //! handshake deadline, HTTP/1.1 or HTTP/2 by ALPN, drain), the first-request and idle
 //! deadlines, request dispatch with its metrics and access log, the plain-HTTP redirect,
 //! the static answers, and the upstream client.

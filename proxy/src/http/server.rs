@@ -1,4 +1,4 @@
-//! The data plane: accept loops for the HTTP and HTTPS listeners and the life of each client
+//! The data plane: one accept loop for the HTTP and HTTPS listeners and the life of each client
 //! connection: the connection cap, the TLS handshake deadline, HTTP/1.1 or HTTP/2 by ALPN,
 //! the first-request and idle deadlines, and graceful drain. Each connection's work runs in
 //! a `connection` span (debug level) naming its listener and peer.
