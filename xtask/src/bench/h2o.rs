@@ -32,6 +32,9 @@ pub(super) struct Settings<'a> {
     pub resumption_log: Option<&'a Path>,
     /// Connections it must hold at once, when above its default 1024.
     pub max_connections: Option<usize>,
+    /// Proxy every request to this `HOST:PORT` (HTTP/1.1, kept-alive connections) instead of
+    /// answering itself.
+    pub upstream: Option<&'a str>,
 }
 
 /// The h2o.conf for `settings`.
@@ -48,6 +51,20 @@ pub(super) fn config(s: &Settings<'_>) -> String {
     let max_connections = s
         .max_connections
         .map_or_else(String::new, |n| format!("\nmax-connections: {n}"));
+    let answer = match s.upstream {
+        // The security fields are the edge's to add, as the proxy does in upstream mode; h2o
+        // takes one field per `header.set`, repeated.
+        Some(addr) => format!(
+            "        proxy.reverse.url: \"http://{addr}/\"\n\
+             {0}\"strict-transport-security: max-age=31536000\"\n\
+             {0}\"x-content-type-options: nosniff\"\n\
+             {0}\"x-frame-options: DENY\"\n\
+             {0}\"referrer-policy: no-referrer\"\n\
+             {0}\"content-security-policy: default-src 'none'; frame-ancestors 'none'\"\n",
+            "        header.set: "
+        ),
+        None => STATIC_ANSWER.to_owned(),
+    };
     format!(
         r#"# Written by `cargo xtask bench`: the proxy's static answer, certificate and protocols.
 num-threads: 1
@@ -78,15 +95,18 @@ hosts:
         ocsp-update-interval: 0
     paths:
       "/":
-        mruby.handler: |
-          hello = [200, {{"content-type" => "text/plain; charset=utf-8", "content-length" => "10", "strict-transport-security" => "max-age=31536000", "x-content-type-options" => "nosniff", "x-frame-options" => "DENY", "referrer-policy" => "no-referrer", "content-security-policy" => "default-src 'none'; frame-ancestors 'none'"}}, ["Hello SRE!"]]
-          not_found = [404, {{"content-type" => "text/plain; charset=utf-8"}}, ["not found\n"]]
+{answer}"#
+    )
+}
+
+/// The static answer: one prebuilt response for `GET /`, 404 for anything else.
+const STATIC_ANSWER: &str = r#"        mruby.handler: |
+          hello = [200, {"content-type" => "text/plain; charset=utf-8", "content-length" => "10", "strict-transport-security" => "max-age=31536000", "x-content-type-options" => "nosniff", "x-frame-options" => "DENY", "referrer-policy" => "no-referrer", "content-security-policy" => "default-src 'none'; frame-ancestors 'none'"}, ["Hello SRE!"]]
+          not_found = [404, {"content-type" => "text/plain; charset=utf-8"}, ["not found\n"]]
           Proc.new do |env|
             env["PATH_INFO"] == "/" ? hello : not_found
           end
-"#
-    )
-}
+"#;
 
 /// `h2o -c DIR/h2o.conf` arguments.
 pub(super) fn args(dir: &Path) -> Vec<String> {
@@ -104,6 +124,7 @@ mod tests {
             state_dir: Path::new("/tmp/b/state"),
             resumption_log: None,
             max_connections: None,
+            upstream: None,
         };
         let conf = config(&settings);
         for line in [
@@ -129,11 +150,21 @@ mod tests {
         assert!(many.contains("\nmax-connections: 18100\n"), "{many}");
         let logging = config(&Settings {
             resumption_log: Some(Path::new("/tmp/b/h2o/r.log")),
-            ..settings
+            ..settings.clone()
         });
         assert!(
             logging.contains("path: /tmp/b/h2o/r.log\n  format: \"%{ssl.session-reused}x %H\""),
             "{logging}"
         );
+        let reverse = config(&Settings {
+            upstream: Some("127.0.0.1:8081"),
+            ..settings
+        });
+        assert!(
+            reverse
+                .contains("      \"/\":\n        proxy.reverse.url: \"http://127.0.0.1:8081/\"\n"),
+            "{reverse}"
+        );
+        assert!(!reverse.contains("Hello SRE!"), "{reverse}");
     }
 }

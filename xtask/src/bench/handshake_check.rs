@@ -85,6 +85,7 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
                 name: &name,
                 resumption_log: true,
                 capacity: None,
+                upstream: None,
             },
         )?;
         let read =

@@ -27,6 +27,9 @@ pub(super) struct Settings<'a> {
     pub resumption_log: bool,
     /// Connections it must hold at once, when above the usual 4096.
     pub max_connections: Option<usize>,
+    /// Proxy every request to this `HOST:PORT` (HTTP/1.1, idle server connections reused by
+    /// any request) instead of answering itself.
+    pub upstream: Option<&'a str>,
 }
 
 /// The certificate bundle's name in the directory: `leaf.pem` then `leaf.key`.
@@ -51,7 +54,21 @@ pub(super) fn config(s: &Settings<'_>) -> String {
     } else {
         ("", "")
     };
-    // The answer's headers are the proxy's static answer's (Date and Server aside).
+    let answer = match s.upstream {
+        // `http-reuse always`: like the other contenders' pools, any request may take an idle
+        // backend connection (HAProxy's default keeps the first request of a client
+        // connection on a connection of its own).
+        // The security fields are the edge's to add, as the proxy does in upstream mode.
+        Some(addr) => format!(
+            "    http-response set-header Strict-Transport-Security \"max-age=31536000\"\n    \
+             http-response set-header X-Content-Type-Options nosniff\n    \
+             http-response set-header X-Frame-Options DENY\n    \
+             http-response set-header Referrer-Policy no-referrer\n    \
+             http-response set-header Content-Security-Policy \"default-src 'none'; frame-ancestors 'none'\"\n    \
+             default_backend app\nbackend app\n    http-reuse always\n    server app {addr}\n"
+        ),
+        None => STATIC_ANSWER.to_owned(),
+    };
     format!(
         r#"# Written by `cargo xtask bench`: the proxy's static answer, certificate and protocols.
 global
@@ -74,11 +91,15 @@ frontend plain
     http-request redirect scheme https code 308
 frontend tls
     bind :::443 v4v6 ssl crt {dir}/{BUNDLE} alpn h2,http/1.1
-    http-request return status 200 content-type "text/plain; charset=utf-8" string "Hello SRE!" hdr Strict-Transport-Security "max-age=31536000" hdr X-Content-Type-Options nosniff hdr X-Frame-Options DENY hdr Referrer-Policy no-referrer hdr Content-Security-Policy "default-src 'none'; frame-ancestors 'none'" if {{ path / }}
-    http-request return status 404 content-type "text/plain; charset=utf-8" string "not found"
-"#
+{answer}"#
     )
 }
+
+/// The static answer: the proxy's `GET /` with its headers (Date and Server aside), 404 for
+/// anything else.
+const STATIC_ANSWER: &str = r#"    http-request return status 200 content-type "text/plain; charset=utf-8" string "Hello SRE!" hdr Strict-Transport-Security "max-age=31536000" hdr X-Content-Type-Options nosniff hdr X-Frame-Options DENY hdr Referrer-Policy no-referrer hdr Content-Security-Policy "default-src 'none'; frame-ancestors 'none'" if { path / }
+    http-request return status 404 content-type "text/plain; charset=utf-8" string "not found"
+"#;
 
 /// `haproxy -db -f DIR/haproxy.cfg` arguments: in the foreground, one process (no master).
 pub(super) fn args(dir: &Path) -> Vec<String> {
@@ -100,6 +121,7 @@ mod tests {
             cpu: 2,
             resumption_log: false,
             max_connections: None,
+            upstream: None,
         };
         let conf = config(&settings);
         for line in [
@@ -128,11 +150,22 @@ mod tests {
         assert!(!conf.contains("strict-limits"), "{conf}");
         let logging = config(&Settings {
             resumption_log: true,
-            ..settings
+            ..settings.clone()
         });
         assert!(
             logging.contains("log-format \"%[ssl_fc_is_resumed] %HV\""),
             "{logging}"
         );
+        let reverse = config(&Settings {
+            upstream: Some("127.0.0.1:8081"),
+            ..settings
+        });
+        assert!(
+            reverse.contains(
+                "    default_backend app\nbackend app\n    http-reuse always\n    server app 127.0.0.1:8081\n"
+            ),
+            "{reverse}"
+        );
+        assert!(!reverse.contains("Hello SRE!"), "{reverse}");
     }
 }

@@ -76,7 +76,7 @@ pub(super) fn phase(
         };
         for &alpn in protocols {
             let ns = fresh_ns()?;
-            let started = bench.start_for(contender, &ns, Some(n));
+            let started = bench.start_for(contender, &ns, Some(n), None);
             let (rss, socket, p99, opening, line) = match alpn {
                 Alpn::Http1 => (
                     Metric::IdleH1RssKib,

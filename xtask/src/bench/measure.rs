@@ -49,17 +49,18 @@ pub(super) struct Bench {
 }
 
 /// The metrics of one throughput line.
-struct Line {
-    what: String,
+pub(super) struct Line {
+    pub what: String,
     /// The key of its load-generator errors.
-    json: &'static str,
+    pub json: &'static str,
     /// The key of its server core share.
-    share: &'static str,
-    rps: Metric,
-    p50: Option<Metric>,
-    p99: Option<Metric>,
-    cpu: Metric,
-    instructions: Metric,
+    pub share: &'static str,
+    pub rps: Metric,
+    pub p50: Option<Metric>,
+    pub p99: Option<Metric>,
+    pub cpu: Metric,
+    /// Where `perf` counts instructions: the key of the server's instructions per request.
+    pub instructions: Option<Metric>,
 }
 
 impl Bench {
@@ -137,7 +138,7 @@ impl Bench {
             p50: Some(Metric::H1P50Ms),
             p99: Some(Metric::H1P99Ms),
             cpu: Metric::H1CpuUs,
-            instructions: Metric::H1Instructions,
+            instructions: Some(Metric::H1Instructions),
         };
         let t = self.line(&mut run, server, &h1, progress, || {
             self.wrk(ns, url, self.h1_connections[0], self.seconds)
@@ -163,7 +164,7 @@ impl Bench {
             p50: None,
             p99: Some(Metric::H1ManyP99Ms),
             cpu: Metric::H1ManyCpuUs,
-            instructions: Metric::H1ManyInstructions,
+            instructions: Some(Metric::H1ManyInstructions),
         };
         if all_lines {
             self.line(&mut run, server, &h1_many, progress, || {
@@ -196,7 +197,7 @@ impl Bench {
                 p50: None,
                 p99: None,
                 cpu,
-                instructions,
+                instructions: Some(instructions),
             };
             self.line(&mut run, server, &line, progress, || {
                 self.h2load(ns, clients, streams)
@@ -314,7 +315,7 @@ impl Bench {
 
     /// One throughput line: `load` run with the server's CPU time (and instructions, where
     /// counted) read around it, its figures added to `run` and printed.
-    fn line(
+    pub(super) fn line(
         &self,
         run: &mut Run,
         server: &Process,
@@ -322,7 +323,7 @@ impl Bench {
         progress: &dyn Fn(&str),
         load: impl FnOnce() -> Result<Throughput>,
     ) -> Result<Throughput> {
-        let (t, cpu, instructions) = if self.perf.is_ok() {
+        let (t, cpu, instructions) = if self.perf.is_ok() && line.instructions.is_some() {
             let ((t, cpu), instructions) =
                 perf_counters::count_during(&server.pids(), || self.with_cpu(server, load))?;
             (t, cpu, Some(instructions))
@@ -347,9 +348,9 @@ impl Bench {
             }
         }
         text += &format!("; server {cpu_us:.1} µs/req, {}", cpu.busy());
-        if let Some(count) = instructions {
+        if let (Some(count), Some(metric)) = (instructions, line.instructions) {
             let per_request = count as f64 / t.requests.max(1) as f64;
-            run.figures.push((line.instructions, per_request));
+            run.figures.push((metric, per_request));
             text += &format!(", {per_request:.0} instructions/req");
         }
         run.errors.push((line.json, t.errors));
@@ -413,13 +414,19 @@ impl Bench {
         Ok((value, cpu))
     }
 
-    fn wrk(&self, ns: &NetNs, url: &str, connections: usize, seconds: u64) -> Result<Throughput> {
+    pub(super) fn wrk(
+        &self,
+        ns: &NetNs,
+        url: &str,
+        connections: usize,
+        seconds: u64,
+    ) -> Result<Throughput> {
         let mut cmd = pinned(ns, self.client_cpu, "wrk");
         cmd.args(load::wrk_args(url, connections, seconds));
         load::parse_wrk(&command::output(&mut cmd)?).context("reading wrk's report")
     }
 
-    fn h2load(&self, ns: &NetNs, clients: usize, streams: usize) -> Result<Throughput> {
+    pub(super) fn h2load(&self, ns: &NetNs, clients: usize, streams: usize) -> Result<Throughput> {
         let mut cmd = pinned(ns, self.client_cpu, "h2load");
         let warm_up = if self.smoke { 0 } else { 1 };
         cmd.args(load::h2load_args(

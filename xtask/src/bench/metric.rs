@@ -44,6 +44,11 @@ pub(super) enum Metric {
     ResumedCpuUs,
     RedirectRps,
     RedirectCpuUs,
+    ReverseH1Rps,
+    ReverseH1P99Ms,
+    ReverseH1CpuUs,
+    ReverseH2Rps,
+    ReverseH2CpuUs,
     IdleH1RssKib,
     IdleH1SocketKib,
     IdleH1ProbeP99Ms,
@@ -57,7 +62,7 @@ pub(super) enum Metric {
 }
 
 impl Metric {
-    pub(super) const ALL: [Metric; 31] = [
+    pub(super) const ALL: [Metric; 36] = [
         Metric::H1Rps,
         Metric::H1P50Ms,
         Metric::H1P99Ms,
@@ -79,6 +84,11 @@ impl Metric {
         Metric::ResumedCpuUs,
         Metric::RedirectRps,
         Metric::RedirectCpuUs,
+        Metric::ReverseH1Rps,
+        Metric::ReverseH1P99Ms,
+        Metric::ReverseH1CpuUs,
+        Metric::ReverseH2Rps,
+        Metric::ReverseH2CpuUs,
         Metric::IdleH1RssKib,
         Metric::IdleH1SocketKib,
         Metric::IdleH1ProbeP99Ms,
@@ -114,6 +124,11 @@ impl Metric {
             Metric::ResumedCpuUs => "server_cpu_us_per_resumed_handshake",
             Metric::RedirectRps => "redirect_requests_per_second",
             Metric::RedirectCpuUs => "redirect_server_cpu_us_per_request",
+            Metric::ReverseH1Rps => "reverse_h1_requests_per_second",
+            Metric::ReverseH1P99Ms => "reverse_h1_p99_ms",
+            Metric::ReverseH1CpuUs => "reverse_h1_server_cpu_us_per_request",
+            Metric::ReverseH2Rps => "reverse_h2_requests_per_second",
+            Metric::ReverseH2CpuUs => "reverse_h2_server_cpu_us_per_request",
             Metric::IdleH1RssKib => "idle_h1_server_rss_kib_per_connection",
             Metric::IdleH1SocketKib => "idle_h1_kernel_tcp_kib_per_connection",
             Metric::IdleH1ProbeP99Ms => "idle_h1_probe_p99_ms",
@@ -154,6 +169,11 @@ impl Metric {
             Metric::ResumedCpuUs => "server CPU µs per resumed handshake".into(),
             Metric::RedirectRps => "plain HTTP → 308, req/s".into(),
             Metric::RedirectCpuUs => "plain HTTP → 308, server CPU µs/req".into(),
+            Metric::ReverseH1Rps => format!("reverse proxy, {}, req/s", h1(0)),
+            Metric::ReverseH1P99Ms => format!("reverse proxy, {}, p99 ms", h1(0)),
+            Metric::ReverseH1CpuUs => format!("reverse proxy, {}, server CPU µs/req", h1(0)),
+            Metric::ReverseH2Rps => format!("reverse proxy, {}, req/s", h2(0)),
+            Metric::ReverseH2CpuUs => format!("reverse proxy, {}, server CPU µs/req", h2(0)),
             Metric::IdleH1RssKib => format!("{}: server RSS KiB/conn", idle("HTTP/1.1")),
             Metric::IdleH1SocketKib => format!("{}: kernel TCP KiB/conn", idle("HTTP/1.1")),
             Metric::IdleH1ProbeP99Ms => format!("{}: p99 ms of 4 active", idle("HTTP/1.1")),
@@ -179,6 +199,8 @@ impl Metric {
                 | Metric::HandshakesPerSec
                 | Metric::ResumedPerSec
                 | Metric::RedirectRps
+                | Metric::ReverseH1Rps
+                | Metric::ReverseH2Rps
         )
     }
 
@@ -191,6 +213,8 @@ impl Metric {
             | Metric::HandshakesPerSec
             | Metric::ResumedPerSec
             | Metric::RedirectRps
+            | Metric::ReverseH1Rps
+            | Metric::ReverseH2Rps
             | Metric::H1Instructions
             | Metric::H1ManyInstructions
             | Metric::H2Instructions
@@ -200,6 +224,7 @@ impl Metric {
             Metric::H1P50Ms
             | Metric::H1P99Ms
             | Metric::H1ManyP99Ms
+            | Metric::ReverseH1P99Ms
             | Metric::IdleH1ProbeP99Ms
             | Metric::IdleH2ProbeP99Ms
             | Metric::IdleH1SocketKib
@@ -211,6 +236,8 @@ impl Metric {
             | Metric::HandshakeCpuUs
             | Metric::ResumedCpuUs
             | Metric::RedirectCpuUs
+            | Metric::ReverseH1CpuUs
+            | Metric::ReverseH2CpuUs
             | Metric::IdleH1RssKib
             | Metric::IdleH2RssKib
             | Metric::BpfCallsPerConnection

@@ -19,6 +19,8 @@
 //! - resumed TLS 1.3 handshakes, one request per connection (`openssl s_time -reuse`, whose
 //!   per-connection marks prove the run resumed: [`resumption`]);
 //! - plain HTTP → 308 (`wrk` on :80), and each server's peak RSS;
+//! - reverse proxy: HTTP/1.1 keep-alive and HTTP/2 through each contender to the same small
+//!   backend on the client core ([`reverse`]);
 //! - where `perf stat` counts instructions ([`perf_counters`]), instructions per request on
 //!   the HTTP/1.1 and HTTP/2 lines, else the JSON says why not;
 //! - for the attached proxy, its eBPF programs' run time per connection (full-handshake run)
@@ -44,6 +46,7 @@ mod nginx;
 mod perf_counters;
 mod report;
 mod resumption;
+mod reverse;
 mod servers;
 mod targets;
 mod tls_client;
@@ -192,6 +195,12 @@ fn run(opts: Options) -> Result<()> {
     let haproxy = haproxy::find_or_install(install);
     let h2o = h2o::find_or_install(install);
 
+    // The attached contender needs the program, so a fresh machine gets the toolchain (and
+    // tracefs, for the resets tracepoint) as `cargo xtask test` gets them.
+    if install {
+        ebpf::ensure_tracefs()?;
+        ebpf::ensure_toolchain()?;
+    }
     ebpf::build().context("the attached contender needs the eBPF program")?;
     if opts.smoke {
         // The test suite has built the debug proxy; a release build would take minutes.
@@ -257,11 +266,13 @@ fn run(opts: Options) -> Result<()> {
 
     // Seconds each run takes: its measured seconds, the warm-ups (1 s each, none in the smoke
     // run, whose peers also leave out three lines), start and checks.
+    // The reverse-proxy lines add two runs (one in the smoke run's peers), a warm-up and two
+    // starts.
     let per_run = |c: Contender| match (c, opts.smoke) {
         (Contender::AccessLog, _) => seconds + 4,
-        (_, false) => 7 * seconds + 7,
-        (c, true) if c.is_peer() => 4 * seconds + 2,
-        (_, true) => 7 * seconds + 2,
+        (_, false) => 9 * seconds + 11,
+        (c, true) if c.is_peer() => 5 * seconds + 4,
+        (_, true) => 9 * seconds + 4,
     };
     let idle_contenders: Vec<Contender> = contenders
         .iter()
@@ -310,11 +321,16 @@ fn run(opts: Options) -> Result<()> {
             );
             let ns = fresh_ns()?;
             let mut server = bench.start(contender, &ns)?;
-            let run = bench.measure(contender, rep, &ns, &mut server, &|line| {
-                println!("    {line}");
-            })?;
+            let progress = |line: &str| println!("    {line}");
+            let mut run = bench.measure(contender, rep, &ns, &mut server, &progress)?;
             drop(server);
             drop(ns);
+            if contender != Contender::AccessLog {
+                let ns = fresh_ns()?;
+                bench
+                    .reverse_lines(contender, &ns, &mut run, &progress)
+                    .with_context(|| format!("{}, reverse proxy", contender.label()))?;
+            }
             results.runs.push(run);
         }
     }
@@ -401,6 +417,7 @@ fn run(opts: Options) -> Result<()> {
         "nginx": "worker_processes 1 pinned, access_log off, keepalive_requests 1000000, keepalive_timeout 3600s",
         "haproxy": "nbthread 1, cpu-map to the server core, no log, http-request return (no backend), timeout client/http-request/http-keep-alive 1h",
         "h2o": "num-threads 1, no access log, mruby handler for the answer, http1-request-timeout and http2-idle-timeout 3600 s, neverbleed off",
+        "reverse_proxy": format!("every contender proxies to `proxy backend` on {} in its namespace, pinned to the client core; nginx: upstream keepalive 256, proxy_http_version 1.1; HAProxy: http-reuse always; h2o: proxy.reverse.url; proxy: --upstream", reverse::BACKEND),
         "ignored_answer_fields": answer::IGNORED,
     });
     let out = workspace::target_dir().join("bench");

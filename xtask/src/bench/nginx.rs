@@ -51,6 +51,9 @@ pub(super) struct Settings<'a> {
     pub resumption_log: Option<&'a Path>,
     /// Connections the worker must hold at once, when above the usual 1024.
     pub max_connections: Option<usize>,
+    /// Proxy every request to this `HOST:PORT` (HTTP/1.1, a pool of kept-alive connections)
+    /// instead of answering itself.
+    pub upstream: Option<&'a str>,
 }
 
 /// The nginx.conf for `settings`.
@@ -85,6 +88,20 @@ pub(super) fn config(s: &Settings<'_>) -> String {
         }
         None => (1024, String::new()),
     };
+    let (upstream, locations) = match s.upstream {
+        // The security fields are the edge's to add, as the proxy does in upstream mode;
+        // `Connection ""` keeps the upstream connections alive (nginx sends `close` by default).
+        Some(addr) => (
+            format!(
+                "\n    upstream backend {{\n        server {addr};\n        keepalive 256;\n    }}"
+            ),
+            format!(
+                "        location / {{\n{SECURITY_FIELDS}            proxy_pass http://backend;\n            \
+                 proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}"
+            ),
+        ),
+        None => (String::new(), STATIC_LOCATIONS.to_owned()),
+    };
     format!(
         r#"# Written by `cargo xtask bench`: the proxy's static answer, certificate and protocols.
 worker_processes 1;
@@ -105,7 +122,7 @@ http {{
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+    scgi_temp_path {dir}/scgi;{upstream}
     server {{
         listen 80;
         listen [::]:80;
@@ -117,23 +134,38 @@ http {{
         ssl_certificate {state}/leaf.pem;
         ssl_certificate_key {state}/leaf.key;
         ssl_protocols TLSv1.2 TLSv1.3;
-        location = / {{
-            default_type "text/plain; charset=utf-8";
-            add_header Strict-Transport-Security "max-age=31536000" always;
-            add_header X-Content-Type-Options nosniff always;
-            add_header X-Frame-Options DENY always;
-            add_header Referrer-Policy no-referrer always;
-            add_header Content-Security-Policy "default-src 'none'; frame-ancestors 'none'" always;
-            return 200 "Hello SRE!";
-        }}
-        location / {{
-            return 404;
-        }}
+{locations}
     }}
 }}
 "#
     )
 }
+
+/// The security fields of the proxy's answers, added by the server (the backend has none).
+macro_rules! security_fields {
+    () => {
+        r#"            add_header Strict-Transport-Security "max-age=31536000" always;
+            add_header X-Content-Type-Options nosniff always;
+            add_header X-Frame-Options DENY always;
+            add_header Referrer-Policy no-referrer always;
+            add_header Content-Security-Policy "default-src 'none'; frame-ancestors 'none'" always;
+"#
+    };
+}
+const SECURITY_FIELDS: &str = security_fields!();
+
+/// The static answer: the proxy's `GET /`, its headers, and 404 for anything else.
+const STATIC_LOCATIONS: &str = concat!(
+    r#"        location = / {
+            default_type "text/plain; charset=utf-8";
+"#,
+    security_fields!(),
+    r#"            return 200 "Hello SRE!";
+        }
+        location / {
+            return 404;
+        }"#
+);
 
 /// `nginx -p DIR -c DIR/nginx.conf -e DIR/error.log -g 'daemon off;'` arguments.
 pub(super) fn args(dir: &Path) -> Vec<String> {
@@ -192,6 +224,7 @@ mod tests {
             version: (1, 22, 1),
             resumption_log: None,
             max_connections: None,
+            upstream: None,
         };
         let conf = config(&settings);
         for line in [
@@ -223,7 +256,7 @@ mod tests {
         let newer = config(&Settings {
             version: (1, 26, 0),
             resumption_log: Some(Path::new("/tmp/b/r.log")),
-            ..settings
+            ..settings.clone()
         });
         assert!(newer.contains("listen 443 ssl;\n"), "{newer}");
         assert!(newer.contains("http2 on;"), "{newer}");
@@ -231,5 +264,18 @@ mod tests {
             newer.contains("access_log /tmp/b/r.log resumption;"),
             "{newer}"
         );
+        assert!(!conf.contains("proxy_pass"), "{conf}");
+        let reverse = config(&Settings {
+            upstream: Some("127.0.0.1:8081"),
+            ..settings
+        });
+        for line in [
+            "upstream backend {\n        server 127.0.0.1:8081;\n        keepalive 256;",
+            "proxy_pass http://backend;",
+            "proxy_set_header Connection \"\";",
+        ] {
+            assert!(reverse.contains(line), "{line} missing from\n{reverse}");
+        }
+        assert!(!reverse.contains("Hello SRE!"), "{reverse}");
     }
 }

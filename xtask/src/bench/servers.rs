@@ -27,35 +27,43 @@ impl Bench {
     /// Starts `contender` in `ns` and waits until it answers; checks the answer and, for the
     /// proxy, whether its eBPF program is attached as asked.
     pub(super) fn start(&self, contender: Contender, ns: &NetNs) -> Result<Process> {
-        self.start_for(contender, ns, None)
+        self.start_for(contender, ns, None, None)
     }
 
     /// [`Bench::start`], with room for `capacity` connections held open at once when given:
     /// every contender's connection limit raised above it (the proxy's `--max-connections`,
     /// nginx's `worker_connections`, HAProxy's `maxconn`, h2o's `max-connections`) and the
-    /// proxy's idle deadline made as long as the peers' (an hour).
+    /// proxy's idle deadline made as long as the peers' (an hour); and proxying every request
+    /// to the backend at `upstream` (`HOST:PORT`) when given, instead of answering itself.
     pub(super) fn start_for(
         &self,
         contender: Contender,
         ns: &NetNs,
         capacity: Option<usize>,
+        upstream: Option<&str>,
     ) -> Result<Process> {
         let limit = capacity.map(|n| (n + CAPACITY_MARGIN).to_string());
-        let proxy_args: Vec<&str> = match &limit {
-            Some(limit) => vec!["--max-connections", limit, "--idle-timeout", "1h"],
-            None => vec![],
-        };
+        let upstream_url = upstream.map(|addr| format!("http://{addr}"));
+        let mut proxy_args: Vec<&str> = Vec::new();
+        if let Some(limit) = &limit {
+            proxy_args.extend(["--max-connections", limit, "--idle-timeout", "1h"]);
+        }
+        if let Some(url) = &upstream_url {
+            proxy_args.extend(["--upstream", url]);
+        }
         let mut server = match contender {
             Contender::Nginx | Contender::Haproxy | Contender::H2o => {
-                let name = match capacity {
-                    Some(_) => format!("{}-idle", contender.key()),
-                    None => contender.key().to_owned(),
+                let name = match (capacity, upstream) {
+                    (Some(_), _) => format!("{}-idle", contender.key()),
+                    (None, Some(_)) => format!("{}-reverse", contender.key()),
+                    (None, None) => contender.key().to_owned(),
                 };
                 let peer = Peer {
                     contender,
                     name: &name,
                     resumption_log: false,
                     capacity: capacity.map(|n| n + CAPACITY_MARGIN),
+                    upstream,
                 };
                 self.start_peer(ns, &peer)?.0
             }
@@ -68,7 +76,10 @@ impl Bench {
                 } else {
                     "off"
                 };
-                let log = self.dir.join(format!("{}.log", contender.key()));
+                let log = match upstream {
+                    Some(_) => self.dir.join(format!("{}-reverse.log", contender.key())),
+                    None => self.dir.join(format!("{}.log", contender.key())),
+                };
                 self.start_proxy_with(ns, ebpf, "warn", &log, &proxy_args)?
             }
         };
@@ -139,6 +150,7 @@ impl Bench {
             name,
             resumption_log,
             capacity,
+            upstream,
         } = *peer;
         let dir = self.dir.join(name);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -155,6 +167,7 @@ impl Bench {
                     version: *version,
                     resumption_log: resumption_log.then_some(log.as_path()),
                     max_connections: capacity,
+                    upstream,
                 });
                 fs::write(dir.join("nginx.conf"), conf)?;
                 (bin, nginx::args(&dir))
@@ -170,6 +183,7 @@ impl Bench {
                     cpu: self.server_cpu,
                     resumption_log,
                     max_connections: capacity,
+                    upstream,
                 });
                 fs::write(dir.join("haproxy.cfg"), conf)?;
                 // It logs to standard output.
@@ -183,6 +197,7 @@ impl Bench {
                     state_dir: &state,
                     resumption_log: resumption_log.then_some(log.as_path()),
                     max_connections: capacity,
+                    upstream,
                 });
                 fs::write(dir.join("h2o.conf"), conf)?;
                 (bin, h2o::args(&dir))
@@ -208,6 +223,8 @@ pub(super) struct Peer<'a> {
     pub resumption_log: bool,
     /// Connections it must be able to hold at once, when above its usual limit.
     pub capacity: Option<usize>,
+    /// Proxy every request to this `HOST:PORT` instead of answering itself.
+    pub upstream: Option<&'a str>,
 }
 
 /// `curl -sk ARGS URL` in `ns`, its standard output.

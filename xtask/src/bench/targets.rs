@@ -39,7 +39,7 @@ impl Bound {
 
 /// The goals, against the best peer on each line and between eBPF attached and detached
 /// (goals, not assertions).
-pub(super) const TARGETS: [Target; 17] = {
+pub(super) const TARGETS: [Target; 20] = {
     use Bound::*;
     use Contender::*;
     use Metric::*;
@@ -108,6 +108,18 @@ pub(super) const TARGETS: [Target; 17] = {
             AtMost(1.0),
         ),
         t(
+            "reverse proxy, HTTP/1.1: server CPU per request ≤ the best peer",
+            ReverseH1CpuUs,
+            BestPeer,
+            AtMost(1.0),
+        ),
+        t(
+            "reverse proxy, HTTP/2: server CPU per request ≤ the best peer",
+            ReverseH2CpuUs,
+            BestPeer,
+            AtMost(1.0),
+        ),
+        t(
             "peak RSS under load ≤ nginx worker's",
             RssMib,
             One(Nginx),
@@ -146,6 +158,12 @@ pub(super) const TARGETS: [Target; 17] = {
         t(
             "eBPF: redirect server CPU per request within 2%",
             RedirectCpuUs,
+            One(Detached),
+            AtMost(1.02),
+        ),
+        t(
+            "eBPF: reverse proxy HTTP/1.1 server CPU per request within 2%",
+            ReverseH1CpuUs,
             One(Detached),
             AtMost(1.02),
         ),
