@@ -74,7 +74,7 @@ impl Drop for PendingExchange {
 
 /// What is known of an exchange once its response head is ready.
 pub(crate) struct Exchange {
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) started: Instant,
     pub(crate) listener: Listener,
     pub(crate) peer: SocketAddr,
@@ -151,6 +151,11 @@ impl Exchange {
             None => Outcome::UpstreamError,
         }
     }
+}
+
+/// Whether access lines are written (`PROXY_LOG` enables the access target at info).
+pub(crate) fn access_log_enabled() -> bool {
+    tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO)
 }
 
 /// Milliseconds rounded to microseconds, for log fields.

@@ -3,6 +3,8 @@
 //! malformed host, 421 for a host we do not serve. A Location is never built from an
 //! unvalidated byte of the request.
 
+use std::fmt::Write as _;
+
 use http::header::{HOST, HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 
@@ -28,19 +30,19 @@ pub fn decide<B>(
     let bad = |reason: String| Decision::Refuse(StatusCode::BAD_REQUEST, reason);
     // An absolute-form request target carries the authority and takes precedence (RFC 9112 3.2.2).
     let host_value = match request.uri().authority() {
-        Some(authority) => authority.as_str().to_owned(),
+        Some(authority) => authority.as_str(),
         None => {
             let mut hosts = request.headers().get_all(HOST).iter();
             let (Some(value), None) = (hosts.next(), hosts.next()) else {
                 return bad("missing or repeated Host header\n".into());
             };
             match value.to_str() {
-                Ok(value) => value.to_owned(),
+                Ok(value) => value,
                 Err(_) => return bad("Host header is not ASCII\n".into()),
             }
         }
     };
-    let host = match parse_host_header(&host_value) {
+    let host = match parse_host_header(host_value) {
         Ok(host) => host,
         Err(e) => return bad(format!("bad Host header: {e}\n")),
     };
@@ -58,30 +60,29 @@ pub fn decide<B>(
     if !path_and_query.starts_with('/') {
         return bad("request target must be a path\n".into());
     }
-    let port = if https_port == 443 {
-        String::new()
-    } else {
-        format!(":{https_port}")
-    };
-    let path_and_query = percent_encode_non_ascii(path_and_query);
-    Decision::Redirect(format!(
-        "https://{}{port}{path_and_query}",
-        host.to_authority_host()
-    ))
+    // Built in one string: a redirect is the whole work of this listener.
+    let host = host.to_authority_host();
+    let mut location =
+        String::with_capacity("https://:65535".len() + host.len() + path_and_query.len());
+    location.push_str("https://");
+    location.push_str(&host);
+    if https_port != 443 {
+        let _ = write!(location, ":{https_port}");
+    }
+    push_percent_encoding_non_ascii(&mut location, path_and_query);
+    Decision::Redirect(location)
 }
 
-/// Keeps the target byte for byte except bytes a URI may not hold raw (RFC 3986: non-ASCII
-/// and controls), which are percent-encoded, so that the Location is a valid URI.
-fn percent_encode_non_ascii(target: &str) -> String {
-    let mut out = String::with_capacity(target.len());
+/// Appends the target byte for byte except bytes a URI may not hold raw (RFC 3986:
+/// non-ASCII and controls), which are percent-encoded, so that the Location is a valid URI.
+fn push_percent_encoding_non_ascii(out: &mut String, target: &str) {
     for byte in target.bytes() {
         if byte.is_ascii_graphic() {
             out.push(char::from(byte));
         } else {
-            out.push_str(&format!("%{byte:02X}"));
+            let _ = write!(out, "%{byte:02X}");
         }
     }
-    out
 }
 
 /// The HTTP response for a decision.

@@ -13,7 +13,9 @@ use hyper::body::Incoming;
 use crate::config::Config;
 use crate::ebpf::KernelTimings;
 use crate::http::deadlines::Activity;
-use crate::http::exchange::{CLIENT_CLOSED_REQUEST, Exchange, PendingExchange, TrackedBody};
+use crate::http::exchange::{
+    CLIENT_CLOSED_REQUEST, Exchange, PendingExchange, TrackedBody, access_log_enabled,
+};
 use crate::http::redirect;
 use crate::http::responses::{Body, static_site, text};
 use crate::http::upstream::Upstream;
@@ -22,7 +24,8 @@ use crate::tls::resolver::CertStore;
 
 /// What answers requests, shared by every connection.
 pub(super) struct Responder {
-    metrics: Metrics,
+    /// Shared with every exchange in flight (one reference count per request).
+    metrics: Arc<Metrics>,
     certs: Arc<CertStore>,
     upstream: Option<Arc<Upstream>>,
     hsts: HeaderValue,
@@ -40,7 +43,7 @@ impl Responder {
         let hsts = HeaderValue::from_str(&format!("max-age={}", config.hsts_max_age))
             .unwrap_or_else(|_| HeaderValue::from_static("max-age=31536000"));
         Responder {
-            metrics,
+            metrics: Arc::new(metrics),
             certs,
             upstream,
             hsts,
@@ -67,20 +70,25 @@ impl Connection {
         let started = Instant::now();
         let responder = &self.responder;
         let method = request.method().clone();
-        let path = request.uri().path().to_owned();
         let version = request.version();
-        let host = request
-            .uri()
-            .host()
-            .map(str::to_owned)
-            .or_else(|| {
-                request
-                    .headers()
-                    .get(HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
+        // Host and path are copied for the access log only: two allocations a request.
+        let (host, path) = if access_log_enabled() {
+            let host = request
+                .uri()
+                .host()
+                .map(str::to_owned)
+                .or_else(|| {
+                    request
+                        .headers()
+                        .get(HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            (host, request.uri().path().to_owned())
+        } else {
+            (String::new(), String::new())
+        };
         // Until a response is ready, the exchange ends as the client leaving (hyper drops
         // this future when the client resets the stream or closes the connection).
         let pending = PendingExchange::new(

@@ -4,7 +4,6 @@
 //! a `connection` span (debug level) naming its listener and peer.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +24,7 @@ use crate::config::Config;
 use crate::ebpf::{KernelObserver, KernelTimings};
 use crate::http::deadlines::{Activity, Closed};
 use crate::http::request::{Connection, Responder};
+use crate::http::streams::{ConnectionStreams, WithStreams};
 use crate::http::upstream::Upstream;
 use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics, TlsFailure};
 use crate::tls;
@@ -37,10 +37,6 @@ pub(crate) struct Server {
     metrics: Metrics,
     responder: Arc<Responder>,
     tls: TlsAcceptor,
-    /// HTTP/1.1 only (TLS without ALPN h2), HTTP/2 only (ALPN h2), and either (plain HTTP).
-    h1: Builder<SpanExecutor>,
-    h2: Builder<SpanExecutor>,
-    either: Builder<SpanExecutor>,
     connection_slots: Arc<Semaphore>,
     /// The eBPF observer, when attached: joins kernel timings to accepted connections.
     kernel: Option<Arc<KernelObserver>>,
@@ -63,9 +59,6 @@ impl Server {
         let tls = TlsAcceptor::from(tls::server_config(certs.clone())?);
         let responder = Arc::new(Responder::new(config, metrics.clone(), certs, upstream));
         Ok(Arc::new(Server {
-            h1: http_builder(config).http1_only(),
-            h2: http_builder(config).http2_only(),
-            either: http_builder(config),
             connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
             kernel,
             config: config.clone(),
@@ -143,35 +136,51 @@ impl Server {
         match kind {
             Listener::Http => {
                 let connection = self.connection(kind, peer, kernel, None);
-                self.drive(&self.either, TokioIo::new(stream), connection)
+                self.drive(Protocols::Either, TokioIo::new(stream), connection)
                     .await;
             }
             Listener::Https => {
-                let started = Instant::now();
-                match tokio::time::timeout(
-                    self.config.timeouts.tls_handshake,
-                    self.tls.accept(stream),
-                )
-                .await
-                {
-                    Ok(Ok(tls)) => {
-                        let elapsed = started.elapsed();
-                        self.metrics.tls_handshake_completed(elapsed);
-                        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                        let connection = self.connection(kind, peer, kernel, Some(elapsed));
-                        let builder = if h2 { &self.h2 } else { &self.h1 };
-                        self.drive(builder, TokioIo::new(tls), connection).await;
-                    }
-                    Ok(Err(e)) => {
-                        let reason = failure_reason(&e);
-                        self.metrics.tls_handshake_failed(reason);
-                        tracing::debug!(reason = reason.as_str(), error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        self.metrics.tls_handshake_failed(TlsFailure::Timeout);
-                        tracing::debug!("TLS handshake timed out");
-                    }
-                }
+                let Some((tls, elapsed)) = self.tls_handshake(stream).await else {
+                    return;
+                };
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let connection = self.connection(kind, peer, kernel, Some(elapsed));
+                let protocols = if h2 {
+                    Protocols::Http2
+                } else {
+                    Protocols::Http1
+                };
+                self.drive(protocols, TokioIo::new(tls), connection).await;
+            }
+        }
+    }
+
+    /// The TLS handshake within its deadline, counted and timed. The stream comes boxed: a
+    /// connection's task holds it for as long as the connection lives, and a rustls
+    /// connection (~1.2 KB) kept inline would be laid out there more than once.
+    async fn tls_handshake(
+        &self,
+        stream: TcpStream,
+    ) -> Option<(Box<tokio_rustls::server::TlsStream<TcpStream>>, Duration)> {
+        let started = Instant::now();
+        match tokio::time::timeout(self.config.timeouts.tls_handshake, self.tls.accept(stream))
+            .await
+        {
+            Ok(Ok(tls)) => {
+                let elapsed = started.elapsed();
+                self.metrics.tls_handshake_completed(elapsed);
+                Some((Box::new(tls), elapsed))
+            }
+            Ok(Err(e)) => {
+                let reason = failure_reason(&e);
+                self.metrics.tls_handshake_failed(reason);
+                tracing::debug!(reason = reason.as_str(), error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                self.metrics.tls_handshake_failed(TlsFailure::Timeout);
+                tracing::debug!("TLS handshake timed out");
+                None
             }
         }
     }
@@ -194,7 +203,7 @@ impl Server {
     }
 
     /// Serves HTTP on `io` until the client leaves, a deadline passes, or shutdown drains it.
-    async fn drive<I>(&self, builder: &Builder<SpanExecutor>, io: I, connection: Arc<Connection>)
+    async fn drive<I>(&self, protocols: Protocols, io: I, connection: Arc<Connection>)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -203,7 +212,10 @@ impl Server {
             let connection = connection.clone();
             async move { Ok::<_, Infallible>(connection.handle(request).await) }
         });
-        let connection = builder.serve_connection(io, service);
+        // This connection's HTTP/2 streams run in its own task (`streams.rs`).
+        let streams = ConnectionStreams::default();
+        let builder = http_builder(&self.config, protocols, streams.clone());
+        let connection = WithStreams::new(builder.serve_connection(io, service), &streams);
         tokio::pin!(connection);
         let timeouts = self.config.timeouts;
         let mut draining = false;
@@ -242,7 +254,7 @@ impl Server {
             }
         };
         // Finishes requests in flight (HTTP/2: GOAWAY); an idle connection closes at once.
-        connection.as_mut().graceful_shutdown();
+        connection.as_mut().connection().graceful_shutdown();
         let finished = tokio::select! {
             finished = tokio::time::timeout(grace, connection.as_mut()) => finished.is_ok(),
             () = activity.send_stalled(timeouts.send) => {
@@ -276,24 +288,25 @@ async fn accept_any(
     .await
 }
 
-/// Spawns hyper's background tasks (the streams of an HTTP/2 connection) in the span of the
-/// connection that spawns them, so that what they log says whose they are.
+/// Which protocols a connection may speak.
 #[derive(Debug, Clone, Copy)]
-struct SpanExecutor;
-
-impl<F> hyper::rt::Executor<F> for SpanExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        tokio::spawn(future.in_current_span());
-    }
+enum Protocols {
+    /// TLS without ALPN h2.
+    Http1,
+    /// TLS with ALPN h2.
+    Http2,
+    /// Plain HTTP: HTTP/1.1, or HTTP/2 with prior knowledge.
+    Either,
 }
 
-/// The hyper connection builder with our limits and timeouts for both protocols.
-fn http_builder(config: &Config) -> Builder<SpanExecutor> {
-    let mut builder = Builder::new(SpanExecutor);
+/// The hyper connection builder of one connection, with our limits and timeouts, whose
+/// HTTP/2 streams go to `streams`.
+fn http_builder(
+    config: &Config,
+    protocols: Protocols,
+    streams: ConnectionStreams,
+) -> Builder<ConnectionStreams> {
+    let mut builder = Builder::new(streams);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -311,5 +324,9 @@ fn http_builder(config: &Config) -> Builder<SpanExecutor> {
         .max_header_list_size(u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
-    builder
+    match protocols {
+        Protocols::Http1 => builder.http1_only(),
+        Protocols::Http2 => builder.http2_only(),
+        Protocols::Either => builder,
+    }
 }

@@ -141,6 +141,9 @@ pub(crate) struct Metrics {
     registry: Registry,
     http_requests: IntCounterVec,
     http_request_duration: HistogramVec,
+    /// `http_request_duration` of each listener, resolved once: a label lookup hashes its
+    /// values, and this one is made for every request.
+    request_duration_by_listener: [Histogram; 2],
     tls_handshake_duration: Histogram,
     tls_handshake_failures: IntCounterVec,
     connections_open: IntGaugeVec,
@@ -287,6 +290,8 @@ impl Metrics {
                 "HTTP requests answered, by listener, status code and how the response ended.",
                 &["listener", "code", "outcome"],
             )?,
+            request_duration_by_listener: [Listener::Http, Listener::Https]
+                .map(|l| http_request_duration.with_label_values(&[l.as_str()])),
             http_request_duration,
             tls_handshake_duration: histogram(
                 "proxy_tls_handshake_duration_seconds",
@@ -371,13 +376,14 @@ impl Metrics {
         outcome: Outcome,
         elapsed: Duration,
     ) {
-        let listener = listener.as_str();
+        let duration = match listener {
+            Listener::Http => &self.request_duration_by_listener[0],
+            Listener::Https => &self.request_duration_by_listener[1],
+        };
         self.http_requests
-            .with_label_values(&[listener, status.as_str(), outcome.as_str()])
+            .with_label_values(&[listener.as_str(), status.as_str(), outcome.as_str()])
             .inc();
-        self.http_request_duration
-            .with_label_values(&[listener])
-            .observe(elapsed.as_secs_f64());
+        duration.observe(elapsed.as_secs_f64());
     }
 
     /// Records a completed TLS handshake.
