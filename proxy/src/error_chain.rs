@@ -15,6 +15,16 @@ pub(crate) fn error_chain(error: &dyn Error) -> String {
     text
 }
 
+/// The innermost cause of `error`: often the operating system's answer (an errno), which
+/// the outer messages name only as "failed to ...".
+pub(crate) fn root_cause(error: &dyn Error) -> String {
+    let mut root = error;
+    while let Some(inner) = root.source() {
+        root = inner;
+    }
+    root.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -33,5 +43,7 @@ mod tests {
             error_chain(&error),
             "attaching the tracepoint: permission denied"
         );
+        assert_eq!(root_cause(&error), "permission denied");
+        assert_eq!(root_cause(&std::io::Error::other("no cause")), "no cause");
     }
 }

@@ -499,6 +499,11 @@ fn without_privilege_the_proxy_serves_and_reports_ebpf_detached() {
         .filter(|l| l.contains("kernel metrics unavailable"))
         .collect();
     assert_eq!(warnings.len(), 1, "exactly one clear warning, got:\n{log}");
+    assert!(
+        warnings[0].contains("cause=") && warnings[0].contains("os error"),
+        "the warning names the kernel's answer (an errno): {}",
+        warnings[0]
+    );
 
     // Made mandatory, the same lack of privilege is a clear start-up error.
     let mut cmd = env.ns.command("setpriv");

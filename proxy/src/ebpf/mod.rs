@@ -179,7 +179,9 @@ pub(crate) fn start(
         Ok(observer) => Ok(Some(Arc::new(observer))),
         Err(e) if mode == EbpfMode::Required => Err(e),
         Err(e) => {
-            tracing::warn!(reason = %e, "kernel metrics unavailable; serving without them (proxy_ebpf_attached 0)");
+            // The root cause carries the kernel's errno, which the outer messages leave out.
+            let cause = crate::error_chain::root_cause(&e);
+            tracing::warn!(reason = %e, %cause, "kernel metrics unavailable; serving without them (proxy_ebpf_attached 0)");
             Ok(None)
         }
     }
