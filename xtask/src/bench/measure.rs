@@ -46,6 +46,9 @@ pub(super) struct Bench {
     /// resumed-handshake line (the handshake check has their resumption already) and idle
     /// HTTP/1.1 connections only.
     pub smoke: bool,
+    /// A second of load before each line (caches, allocator, the runtime's first
+    /// connections); left out of the smoke and quick runs.
+    pub warm_up: bool,
 }
 
 /// The metrics of one throughput line.
@@ -120,7 +123,7 @@ impl Bench {
             _ => None,
         };
         // Warm-up: caches, allocator, the runtime's first connections.
-        if !self.smoke {
+        if self.warm_up {
             self.wrk(ns, "https://127.0.0.1/", self.h1_connections[0], 1)?;
         }
         let all_lines = !(self.smoke && contender.is_peer());
@@ -428,7 +431,7 @@ impl Bench {
 
     pub(super) fn h2load(&self, ns: &NetNs, clients: usize, streams: usize) -> Result<Throughput> {
         let mut cmd = pinned(ns, self.client_cpu, "h2load");
-        let warm_up = if self.smoke { 0 } else { 1 };
+        let warm_up = u64::from(self.warm_up);
         cmd.args(load::h2load_args(
             "https://127.0.0.1/",
             clients,

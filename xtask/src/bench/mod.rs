@@ -72,8 +72,8 @@ const NETNS_PREFIX: &str = "xtask-bench";
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Options {
-    /// Two repetitions of 2-second runs and 2000 idle connections (under five minutes)
-    /// instead of 5 of 5 seconds and 18000 (under half an hour).
+    /// Two repetitions of 2-second runs without warm-ups and 1500 idle connections (under
+    /// five minutes) instead of 5 of 5 seconds and 18000 (under half an hour).
     #[arg(long)]
     pub quick: bool,
     /// Check the harness, not the servers: the debug proxy and every peer started, their
@@ -112,7 +112,7 @@ pub(crate) struct Options {
     #[arg(long, default_value_t = 10)]
     pub h2_wide_streams: usize,
     /// Idle connections held open per contender and protocol, below the open-file hard limit
-    /// [default: 18000, --quick: 2000, --smoke: 100].
+    /// [default: 18000, --quick: 1500, --smoke: 100].
     #[arg(long)]
     pub idle_connections: Option<usize>,
     /// The proxy's connection cap in the cap demonstration.
@@ -179,7 +179,7 @@ fn run(opts: Options) -> Result<()> {
     let idle_n = match (opts.idle_connections, opts.smoke, opts.quick) {
         (Some(n), _, _) => n,
         (None, true, _) => 100,
-        (None, false, true) => 2000,
+        (None, false, true) => 1500,
         (None, false, false) => 18_000,
     }
     .max(1);
@@ -228,6 +228,7 @@ fn run(opts: Options) -> Result<()> {
         handshake_clients: opts.handshake_clients.max(1),
         perf: perf_counters::probe(),
         smoke: opts.smoke,
+        warm_up: !opts.smoke && !opts.quick,
     };
     match &bench.perf {
         Ok(()) => println!("perf stat counts instructions here: instructions per request included"),
@@ -265,11 +266,12 @@ fn run(opts: Options) -> Result<()> {
     println!("    {}", cap_demo.line());
 
     // Seconds each run takes: its measured seconds, the warm-ups (1 s each, none in the smoke
-    // run, whose peers also leave out three lines), start and checks.
+    // and quick runs; the smoke run's peers also leave out three lines), start and checks.
     // The reverse-proxy lines add two runs (one in the smoke run's peers), a warm-up and two
     // starts.
     let per_run = |c: Contender| match (c, opts.smoke) {
         (Contender::AccessLog, _) => seconds + 4,
+        (_, false) if opts.quick => 9 * seconds + 7,
         (_, false) => 9 * seconds + 11,
         (c, true) if c.is_peer() => 5 * seconds + 4,
         (_, true) => 9 * seconds + 4,

@@ -42,7 +42,7 @@ impl Bench {
             .start_for(contender, ns, None, Some(BACKEND))
             .context("starting it in front of the backend")?;
         let url = "https://127.0.0.1/";
-        if !self.smoke {
+        if self.warm_up {
             self.wrk(ns, url, self.h1_connections[0], 1)?;
         }
         let connections = self.h1_connections[0];
