@@ -8,7 +8,7 @@
 //! (h2load) are measured; then the backend is stopped and `GET /` must fail, which proves
 //! that the answers measured came through the backend, not from the contender itself.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use proxy_testkit::{NetNs, Process};
@@ -100,8 +100,8 @@ impl Bench {
         let log = self
             .dir
             .join(format!("backend-for-{}.log", contender.key()));
-        let mut backend = Process::spawn("backend", &mut cmd, Path::new(&log))?
-            .stop_with_sigterm(Duration::from_secs(5));
+        let mut backend =
+            Process::spawn("backend", &mut cmd, &log)?.stop_with_sigterm(Duration::from_secs(5));
         backend.wait_ready(BACKEND_READY_TIMEOUT, || {
             curl(
                 ns,
