@@ -84,6 +84,8 @@ pub(crate) struct BackendAddress {
     pub(crate) label: String,
     pub(crate) host: String,
     pub(crate) port: u16,
+    /// The label parsed once, for the target of every forwarded request.
+    pub(crate) authority: http::uri::Authority,
 }
 
 /// The active health check of every backend.
@@ -368,8 +370,10 @@ fn parse_upstream(raw: &str) -> Result<BackendAddress, ConfigError> {
     if host.is_empty() {
         return Err(invalid("missing host"));
     }
+    let label = authority.as_str().to_ascii_lowercase();
     Ok(BackendAddress {
-        label: authority.as_str().to_ascii_lowercase(),
+        authority: label.parse().map_err(|_| invalid("not a URL"))?,
+        label,
         host: host.to_ascii_lowercase(),
         port,
     })

@@ -268,7 +268,9 @@ pub(crate) struct IdleTimeout<B> {
     inner: B,
     timeout: Duration,
     side: BodyDeadline,
-    sleep: Pin<Box<Sleep>>,
+    /// Made the first time the source has nothing ready: most bodies come whole with
+    /// their head and never need a timer.
+    sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
     /// Set when the deadline fired, for those who see only the consequences.
     fired: Option<Arc<AtomicBool>>,
@@ -280,7 +282,7 @@ impl<B> IdleTimeout<B> {
             inner,
             timeout,
             side,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: None,
             armed: false,
             fired: None,
         }
@@ -312,12 +314,15 @@ where
                 Poll::Ready(frame.map(|result| result.map_err(Into::into)))
             }
             Poll::Pending => {
+                let timeout = this.timeout;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 if !this.armed {
-                    let deadline = Instant::now() + this.timeout;
-                    this.sleep.as_mut().reset(deadline);
+                    sleep.as_mut().reset(Instant::now() + timeout);
                     this.armed = true;
                 }
-                match this.sleep.as_mut().poll(cx) {
+                match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => {
                         if let Some(fired) = &this.fired {
                             fired.store(true, Ordering::Release);

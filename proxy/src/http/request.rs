@@ -3,7 +3,7 @@
 //! the response ends (`exchange.rs`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::header::{HOST, HeaderValue};
@@ -18,7 +18,7 @@ use crate::http::exchange::{
 };
 use crate::http::redirect;
 use crate::http::responses::{Body, static_site, text};
-use crate::http::upstream::Upstream;
+use crate::http::upstream::{ClientAddress, Upstream};
 use crate::telemetry::metrics::{Listener, Metrics};
 use crate::tls::resolver::CertStore;
 
@@ -61,6 +61,8 @@ pub(super) struct Connection {
     pub(super) activity: Arc<Activity>,
     pub(super) tls_handshake: Option<Duration>,
     pub(super) kernel: Option<KernelTimings>,
+    /// The client's address as forwarding headers write it, made at its first proxied request.
+    pub(super) client_address: OnceLock<ClientAddress>,
 }
 
 impl Connection {
@@ -123,7 +125,10 @@ impl Connection {
             Listener::Https => {
                 let mut response = match &responder.upstream {
                     Some(upstream) => {
-                        let (response, report) = upstream.forward(request, self.peer).await;
+                        let client = self
+                            .client_address
+                            .get_or_init(|| ClientAddress::new(self.peer));
+                        let (response, report) = upstream.forward(request, client).await;
                         upstream_report = report;
                         response
                     }

@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -199,6 +199,7 @@ impl Server {
             activity: Activity::new(self.abandoned.clone()),
             tls_handshake,
             kernel,
+            client_address: OnceLock::new(),
         })
     }
 

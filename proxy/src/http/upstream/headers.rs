@@ -1,69 +1,115 @@
 //! What a proxy changes in the headers it forwards: hop-by-hop headers removed (both ways),
 //! `Forwarded` and `X-Forwarded-*` added for the backend.
+//!
+//! This runs on every proxied request, so header names are constants (no parsing) and the
+//! client's address is written out once per connection ([`ClientAddress`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use http::header::{CONNECTION, HOST, HeaderMap, HeaderName, HeaderValue};
+use http::header::{
+    CONNECTION, FORWARDED, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    UPGRADE,
 ];
+
+/// A client's address as the forwarding headers write it, made once per connection.
+#[derive(Debug)]
+pub(crate) struct ClientAddress {
+    pub(crate) peer: SocketAddr,
+    /// The address alone, as `X-Forwarded-For` lists it.
+    ip: HeaderValue,
+    /// `Forwarded`'s node: IPv6 quoted in brackets (RFC 7239 6).
+    node: String,
+}
+
+impl ClientAddress {
+    pub(crate) fn new(peer: SocketAddr) -> Self {
+        let ip = peer.ip().to_canonical();
+        let text = ip.to_string();
+        let node = match ip {
+            IpAddr::V6(_) => format!("\"[{text}]\""),
+            IpAddr::V4(_) => text.clone(),
+        };
+        ClientAddress {
+            peer,
+            ip: HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            node,
+        }
+    }
+}
 
 pub(super) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named by Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     // Framing is the client's business; hyper sets it for the next hop.
-    headers.remove(http::header::TRANSFER_ENCODING);
+    headers.remove(TRANSFER_ENCODING);
 }
 
-pub(super) fn add_forwarding(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&str>) {
-    let ip = peer.ip().to_canonical();
-    let for_node = if ip.is_ipv6() {
-        format!("\"[{ip}]\"")
-    } else {
-        ip.to_string()
-    };
-    let mut forwarded = format!("for={for_node};proto=https");
+pub(super) fn add_forwarding(headers: &mut HeaderMap, client: &ClientAddress, host: Option<&str>) {
+    let mut forwarded = String::with_capacity(32 + host.map_or(0, str::len));
+    forwarded.push_str("for=");
+    forwarded.push_str(&client.node);
+    forwarded.push_str(";proto=https");
     if let Some(host) = host {
-        forwarded.push_str(&format!(";host=\"{host}\""));
+        forwarded.push_str(";host=\"");
+        forwarded.push_str(host);
+        forwarded.push('"');
         if let Ok(value) = HeaderValue::from_str(host) {
-            headers.insert("x-forwarded-host", value.clone());
+            headers.insert(X_FORWARDED_HOST, value.clone());
             if !headers.contains_key(HOST) {
                 headers.insert(HOST, value);
             }
         }
     }
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
-        headers.append("forwarded", value);
+    if let Ok(value) = HeaderValue::try_from(forwarded) {
+        headers.append(FORWARDED, value);
     }
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {ip}"),
-        None => ip.to_string(),
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) => {
+            let ip = client.ip.as_bytes();
+            let mut list = Vec::with_capacity(existing.len() + 2 + ip.len());
+            list.extend_from_slice(existing.as_bytes());
+            list.extend_from_slice(b", ");
+            list.extend_from_slice(ip);
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(list)).ok()
+        }
+        None => Some(client.ip.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", value);
+    if let Some(value) = xff {
+        headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
 }
 
 #[cfg(test)]
@@ -79,11 +125,8 @@ mod tests {
         headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         headers.insert("accept", HeaderValue::from_static("*/*"));
         remove_hop_by_hop(&mut headers);
-        add_forwarding(
-            &mut headers,
-            "[::1]:5000".parse().expect("addr"),
-            Some("localhost"),
-        );
+        let client = ClientAddress::new("[::1]:5000".parse().expect("addr"));
+        add_forwarding(&mut headers, &client, Some("localhost"));
         assert!(headers.get("x-secret").is_none());
         assert!(headers.get(CONNECTION).is_none());
         assert!(headers.get("keep-alive").is_none());
@@ -96,5 +139,16 @@ mod tests {
             "for=\"[::1]\";proto=https;host=\"localhost\""
         );
         assert_eq!(headers[HOST], "localhost");
+    }
+
+    #[test]
+    fn a_first_hop_client_is_listed_alone_with_its_plain_address() {
+        let mut headers = HeaderMap::new();
+        let client = ClientAddress::new("[::ffff:10.1.2.3]:5000".parse().expect("addr"));
+        add_forwarding(&mut headers, &client, None);
+        assert_eq!(headers["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(headers["forwarded"], "for=10.1.2.3;proto=https");
+        assert!(headers.get(HOST).is_none());
+        assert!(headers.get("x-forwarded-host").is_none());
     }
 }

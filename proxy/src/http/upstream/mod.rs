@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::header::HOST;
+use http::uri::{Authority, Parts as UriParts, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -42,6 +43,7 @@ use budget::RetryBudget;
 use connector::UpstreamConnection;
 use pool::{Backend, FailOpen, Pool};
 
+pub(crate) use headers::ClientAddress;
 pub(crate) use pool::BackendLoad;
 
 /// Why the pool could not be built.
@@ -239,28 +241,24 @@ impl Upstream {
     pub(crate) async fn forward(
         &self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        client: &ClientAddress,
     ) -> (Response<Body>, Option<UpstreamReport>) {
+        let peer = client.peer;
         let (mut parts, body) = request.into_parts();
-        let original_host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            });
         let path_and_query = parts
             .uri
             .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/")
-            .to_owned();
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         headers::remove_hop_by_hop(&mut parts.headers);
-        headers::add_forwarding(&mut parts.headers, peer, original_host.as_deref());
+        // A clone shares the value's bytes: the host is borrowed, not copied.
+        let host_header = parts.headers.get(HOST).cloned();
+        let host = parts
+            .uri
+            .authority()
+            .map(Authority::as_str)
+            .or_else(|| host_header.as_ref().and_then(|h| h.to_str().ok()));
+        headers::add_forwarding(&mut parts.headers, client, host);
         let client_body_timed_out = Arc::new(AtomicBool::new(false));
         let body = RequestBody::new(
             IdleTimeout::new(body, self.client_body_timeout, BodyDeadline::Client)
@@ -280,12 +278,11 @@ impl Upstream {
                 break;
             };
             self.fail_open.note(fail_open);
-            let Ok(uri) = Uri::builder()
-                .scheme("http")
-                .authority(backend.label.as_ref())
-                .path_and_query(path_and_query.as_str())
-                .build()
-            else {
+            let mut target = UriParts::default();
+            target.scheme = Some(Scheme::HTTP);
+            target.authority = Some(backend.address.authority.clone());
+            target.path_and_query = Some(path_and_query.clone());
+            let Ok(uri) = Uri::from_parts(target) else {
                 return (
                     text(
                         StatusCode::BAD_REQUEST,
@@ -299,7 +296,13 @@ impl Upstream {
             *attempt.method_mut() = parts.method.clone();
             *attempt.uri_mut() = uri;
             *attempt.version_mut() = Version::HTTP_11;
-            *attempt.headers_mut() = parts.headers.clone();
+            // The headers are kept for a retry only where one can happen: on the first
+            // attempt, with another backend to retry on.
+            *attempt.headers_mut() = if tried.is_empty() && pool.backends.len() > 1 {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
 
             let load = backend.load();
             let started = Instant::now();
@@ -503,6 +506,7 @@ mod tests {
     #[tokio::test]
     async fn names_resolve_and_bad_ones_say_why() {
         let local = BackendAddress {
+            authority: http::uri::Authority::from_static("localhost:80"),
             label: "localhost:80".into(),
             host: "localhost".into(),
             port: 80,
@@ -514,6 +518,7 @@ mod tests {
                 .is_empty()
         );
         let bad = BackendAddress {
+            authority: http::uri::Authority::from_static("no-such-host.invalid:80"),
             label: "no-such-host.invalid:80".into(),
             host: "no-such-host.invalid".into(),
             port: 80,

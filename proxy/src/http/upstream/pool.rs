@@ -305,6 +305,7 @@ mod tests {
             retry_budget_percent: 20,
         };
         let address = BackendAddress {
+            authority: label.parse().expect("authority"),
             label: label.to_owned(),
             host: "127.0.0.1".to_owned(),
             port: 1,
