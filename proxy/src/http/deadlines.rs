@@ -36,7 +36,6 @@ pub(crate) struct Activity {
     first: Notify,
     /// Milliseconds after `opened` at which the connection last became idle.
     idle_since_ms: AtomicU64,
-    changed: Notify,
     /// Response bodies being streamed, each with the time since which it has waited for the
     /// client to take what it was handed (0: not waiting).
     streaming: Mutex<Vec<Arc<AtomicU64>>>,
@@ -67,7 +66,6 @@ impl Activity {
             requests: AtomicU64::new(0),
             first: Notify::new(),
             idle_since_ms: AtomicU64::new(0),
-            changed: Notify::new(),
             streaming: Mutex::new(Vec::new()),
             streaming_started: Notify::new(),
             closed_by_proxy: AtomicU64::new(0),
@@ -132,7 +130,6 @@ impl Activity {
             self.first.notify_waiters();
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_one();
         InFlight(self.clone())
     }
 
@@ -157,32 +154,25 @@ impl Activity {
 
     /// Resolves when the connection has broken a deadline: no first request within
     /// `first_request`, or no request in flight for `idle`.
+    ///
+    /// The timer is lazy: requests starting and ending do not touch it (no timer to re-arm
+    /// and no wake-up of the connection's task per request). It wakes at the deadline it
+    /// last saw, or every `idle` while a request is in flight, and then looks again; a
+    /// deadline that moved on is slept to, so the connection closes at its true deadline.
     pub(crate) async fn expired(&self, first_request: Duration, idle: Duration) {
         loop {
-            let deadline = if self.requests.load(Ordering::Acquire) == 0 {
-                Some(self.opened + first_request)
+            let now = Instant::now();
+            let wake = if self.requests.load(Ordering::Acquire) == 0 {
+                self.opened + first_request
             } else if self.in_flight.load(Ordering::Acquire) == 0 {
-                Some(
-                    self.opened
-                        + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire))
-                        + idle,
-                )
+                self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire)) + idle
             } else {
-                None
+                now + idle
             };
-            match deadline {
-                Some(deadline) => {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(deadline) => {
-                            if self.in_flight.load(Ordering::Acquire) == 0 && Instant::now() >= deadline {
-                                return;
-                            }
-                        }
-                        () = self.changed.notified() => {}
-                    }
-                }
-                None => self.changed.notified().await,
+            if wake <= now {
+                return;
             }
+            tokio::time::sleep_until(wake).await;
         }
     }
 
@@ -190,7 +180,6 @@ impl Activity {
         let elapsed = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.idle_since_ms.store(elapsed, Ordering::Release);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.changed.notify_one();
     }
 }
 
@@ -369,6 +358,29 @@ mod tests {
         let ended = Instant::now();
         activity.expired(first, idle).await;
         assert_eq!(ended.elapsed().as_secs(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_ending_while_the_timer_sleeps_moves_the_deadline() {
+        let activity = Activity::new(Arc::default());
+        let (first, idle) = (Duration::from_secs(2), Duration::from_secs(5));
+        let started = Instant::now();
+        let first_request = activity.begin();
+        let watch = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.expired(first, idle).await }
+        });
+        // In flight for 3 s, idle for 4 s, another request for 1 s: never 5 s idle.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(first_request);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let second_request = activity.begin();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(second_request);
+        assert!(!watch.is_finished(), "expired with no 5 s idle period");
+        watch.await.expect("watchdog");
+        // Idle from 8 s: the deadline is 13 s, not an earlier wake-up of the timer.
+        assert_eq!(started.elapsed().as_secs(), 13);
     }
 
     #[tokio::test(start_paused = true)]
