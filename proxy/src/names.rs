@@ -4,7 +4,7 @@
 //! One parser serves both sides, so a name that the certificate covers and a name a client
 //! asks for are compared in the same normal form (lowercase, no trailing dot, IPs parsed).
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// A DNS name or IP address, normalised.
@@ -70,10 +70,22 @@ impl ServedName {
     }
 
     /// The name as it appears in a URL authority: IPv6 literals in brackets.
+    #[cfg(test)]
     pub(crate) fn to_authority_host(&self) -> String {
+        let mut host = String::new();
+        self.push_authority_host(&mut host);
+        host
+    }
+
+    /// Appends the name as it appears in a URL authority (IPv6 literals in brackets). The
+    /// redirect listener does this per request, so IPv4 skips the formatting machinery.
+    pub(crate) fn push_authority_host(&self, out: &mut String) {
         match self {
-            Self::Ip(IpAddr::V6(v6)) => format!("[{v6}]"),
-            other => other.to_string(),
+            Self::Dns(name) => out.push_str(name),
+            Self::Ip(IpAddr::V4(v4)) => push_ipv4(out, *v4),
+            Self::Ip(IpAddr::V6(v6)) => {
+                let _ = write!(out, "[{v6}]");
+            }
         }
     }
 }
@@ -84,6 +96,22 @@ impl fmt::Display for ServedName {
             Self::Dns(name) => f.write_str(name),
             Self::Ip(ip) => write!(f, "{ip}"),
         }
+    }
+}
+
+/// Dotted decimal, as `Ipv4Addr`'s `Display` writes it.
+fn push_ipv4(out: &mut String, ip: Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
     }
 }
 
@@ -175,6 +203,20 @@ mod tests {
                 got.is_err(),
                 "input {input:?} should be refused, got {got:?}"
             ),
+        }
+    }
+
+    #[test]
+    fn ipv4_hosts_are_written_as_display_writes_them() {
+        for octet in 0..=255u8 {
+            for ip in [
+                Ipv4Addr::new(octet, 0, 255, octet),
+                Ipv4Addr::new(10, octet, octet, 9),
+            ] {
+                let mut written = String::new();
+                push_ipv4(&mut written, ip);
+                assert_eq!(written, ip.to_string());
+            }
         }
     }
 

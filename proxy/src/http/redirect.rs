@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 
+use bytes::Bytes;
 use http::header::{HOST, HeaderValue, LOCATION};
 use http::{Request, Response, StatusCode};
 
@@ -61,11 +62,9 @@ pub fn decide<B>(
         return bad("request target must be a path\n".into());
     }
     // Built in one string: a redirect is the whole work of this listener.
-    let host = host.to_authority_host();
-    let mut location =
-        String::with_capacity("https://:65535".len() + host.len() + path_and_query.len());
+    let mut location = String::with_capacity(64 + path_and_query.len());
     location.push_str("https://");
-    location.push_str(&host);
+    host.push_authority_host(&mut location);
     if https_port != 443 {
         let _ = write!(location, ":{https_port}");
     }
@@ -88,20 +87,26 @@ fn push_percent_encoding_non_ascii(out: &mut String, target: &str) {
 /// The HTTP response for a decision.
 pub(crate) fn respond(decision: Decision) -> Response<Body> {
     match decision {
-        Decision::Redirect(location) => match HeaderValue::from_str(&location) {
-            Ok(value) => {
-                let mut response = text(
-                    StatusCode::PERMANENT_REDIRECT,
-                    format!("redirecting to {location}\n"),
-                );
-                response.headers_mut().insert(LOCATION, value);
-                response
+        Decision::Redirect(location) => {
+            // The body names the Location too; the header shares the body's bytes.
+            const SAYS: &str = "redirecting to ";
+            let mut body = String::with_capacity(SAYS.len() + location.len() + 1);
+            body.push_str(SAYS);
+            body.push_str(&location);
+            body.push('\n');
+            let body = Bytes::from(body);
+            match HeaderValue::from_maybe_shared(body.slice(SAYS.len()..body.len() - 1)) {
+                Ok(value) => {
+                    let mut response = text(StatusCode::PERMANENT_REDIRECT, body);
+                    response.headers_mut().insert(LOCATION, value);
+                    response
+                }
+                Err(_) => text(
+                    StatusCode::BAD_REQUEST,
+                    "request target cannot be redirected\n",
+                ),
             }
-            Err(_) => text(
-                StatusCode::BAD_REQUEST,
-                "request target cannot be redirected\n",
-            ),
-        },
+        }
         Decision::Refuse(status, reason) => text(status, reason),
     }
 }
