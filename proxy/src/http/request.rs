@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::header::{HOST, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::Config;
@@ -17,7 +17,7 @@ use crate::http::exchange::{
     CLIENT_CLOSED_REQUEST, Exchange, PendingExchange, TrackedBody, access_log_enabled,
 };
 use crate::http::redirect;
-use crate::http::responses::{Body, static_site, text};
+use crate::http::responses::{Body, hello, hello_head, static_site, text};
 use crate::http::upstream::{ClientAddress, Upstream};
 use crate::telemetry::metrics::{Listener, Metrics};
 use crate::tls::resolver::CertStore;
@@ -29,6 +29,8 @@ pub(super) struct Responder {
     certs: Arc<CertStore>,
     upstream: Option<Arc<Upstream>>,
     hsts: HeaderValue,
+    /// The head of `GET /`'s static answer, security fields included, made once.
+    hello_head: HeaderMap,
     max_headers: usize,
     public_https_port: u16,
 }
@@ -42,11 +44,14 @@ impl Responder {
     ) -> Self {
         let hsts = HeaderValue::from_str(&format!("max-age={}", config.hsts_max_age))
             .unwrap_or_else(|_| HeaderValue::from_static("max-age=31536000"));
+        let mut hello_head = hello_head();
+        add_security_headers(&mut hello_head, &hsts);
         Responder {
             metrics: Arc::new(metrics),
             certs,
             upstream,
             hsts,
+            hello_head,
             max_headers: config.limits.max_headers,
             public_https_port: config.public_https_port,
         }
@@ -122,21 +127,26 @@ impl Connection {
                 |host| responder.certs.serves(host),
                 responder.public_https_port,
             )),
-            Listener::Https => {
-                let mut response = match &responder.upstream {
-                    Some(upstream) => {
-                        let client = self
-                            .client_address
-                            .get_or_init(|| ClientAddress::new(self.peer));
-                        let (response, report) = upstream.forward(request, client).await;
-                        upstream_report = report;
-                        response
-                    }
-                    None => static_site(request.method(), request.uri().path()),
-                };
-                add_security_headers(response.headers_mut(), &responder.hsts);
-                response
-            }
+            Listener::Https => match &responder.upstream {
+                None if request.method() == Method::GET && request.uri().path() == "/" => {
+                    hello(&responder.hello_head)
+                }
+                upstream => {
+                    let mut response = match upstream {
+                        Some(upstream) => {
+                            let client = self
+                                .client_address
+                                .get_or_init(|| ClientAddress::new(self.peer));
+                            let (response, report) = upstream.forward(request, client).await;
+                            upstream_report = report;
+                            response
+                        }
+                        None => static_site(request.method(), request.uri().path()),
+                    };
+                    add_security_headers(response.headers_mut(), &responder.hsts);
+                    response
+                }
+            },
         };
         let exchange = pending.answered(response.status(), upstream_report);
         let activity = self.activity.clone();
@@ -144,7 +154,7 @@ impl Connection {
     }
 }
 
-fn add_security_headers(headers: &mut http::HeaderMap, hsts: &HeaderValue) {
+fn add_security_headers(headers: &mut HeaderMap, hsts: &HeaderValue) {
     headers.insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     headers.insert(
         http::header::X_CONTENT_TYPE_OPTIONS,
