@@ -43,7 +43,7 @@ pub(super) struct Bench {
     /// Whether `perf stat` counts instructions here, or why not.
     pub perf: Result<(), String>,
     /// The smoke run: no warm-ups, and the peers get one HTTP/1.1 and one HTTP/2 shape, no
-    /// resumed-handshake line (the handshake check has their resumption already) and idle
+    /// resumed-handshake line (nor the handshake check's proof of their resumption) and idle
     /// HTTP/1.1 connections only.
     pub smoke: bool,
     /// A second of load before each line (caches, allocator, the runtime's first
