@@ -17,27 +17,40 @@ type Source = crate::http::deadlines::IdleTimeout<hyper::body::Incoming>;
 
 /// A client's request body on its way to a backend.
 pub(crate) struct RequestBody {
-    /// Where the body waits until the first attempt to send it takes it.
-    unsent: Arc<Mutex<Option<Source>>>,
+    /// `None` for a request without a body (most are): nothing to share, hand over or wait
+    /// for, and nothing allocated.
+    shared: Option<Arc<Shared>>,
     taken: Option<Source>,
-    started: Arc<AtomicBool>,
+}
+
+/// What the attempts of one request share about its body.
+struct Shared {
+    /// Where the body waits until the first attempt to send it takes it.
+    unsent: Mutex<Option<Source>>,
+    started: AtomicBool,
     /// Set, and notified, once the whole body has been handed to a backend.
-    sent: Arc<(AtomicBool, Notify)>,
-    end_stream: bool,
+    sent: AtomicBool,
+    sent_notify: Notify,
     size_hint: SizeHint,
 }
 
 impl RequestBody {
     pub(super) fn new(source: Source) -> Self {
-        let end_stream = source.is_end_stream();
-        let size_hint = source.size_hint();
+        if source.is_end_stream() {
+            return RequestBody {
+                shared: None,
+                taken: None,
+            };
+        }
         RequestBody {
-            unsent: Arc::new(Mutex::new(Some(source))),
+            shared: Some(Arc::new(Shared {
+                size_hint: source.size_hint(),
+                unsent: Mutex::new(Some(source)),
+                started: AtomicBool::new(false),
+                sent: AtomicBool::new(false),
+                sent_notify: Notify::new(),
+            })),
             taken: None,
-            started: Arc::new(AtomicBool::new(false)),
-            sent: Arc::new((AtomicBool::new(end_stream), Notify::new())),
-            end_stream,
-            size_hint,
         }
     }
 
@@ -45,39 +58,38 @@ impl RequestBody {
     /// without one): the response head's deadline runs from there, so that a long upload
     /// is not mistaken for a slow backend.
     pub(super) async fn sent(&self) {
-        let (done, notify) = &*self.sent;
+        let Some(shared) = &self.shared else {
+            return;
+        };
         loop {
-            let notified = notify.notified();
+            let notified = shared.sent_notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if done.load(Ordering::Acquire) {
+            if shared.sent.load(Ordering::Acquire) {
                 return;
             }
             notified.await;
         }
     }
 
-    fn mark_sent(&self) {
-        let (done, notify) = &*self.sent;
-        if !done.swap(true, Ordering::AcqRel) {
-            notify.notify_waiters();
-        }
-    }
-
     /// The same body for another attempt, if no byte of it has been taken (an empty body
     /// always can be sent again).
     pub(super) fn again(&self) -> Option<RequestBody> {
-        if self.started.load(Ordering::Acquire) && !self.end_stream {
-            return None;
+        match &self.shared {
+            Some(shared) if shared.started.load(Ordering::Acquire) => None,
+            shared => Some(RequestBody {
+                shared: shared.clone(),
+                taken: None,
+            }),
         }
-        Some(RequestBody {
-            unsent: self.unsent.clone(),
-            taken: None,
-            started: self.started.clone(),
-            sent: self.sent.clone(),
-            end_stream: self.end_stream,
-            size_hint: self.size_hint,
-        })
+    }
+}
+
+impl Shared {
+    fn mark_sent(&self) {
+        if !self.sent.swap(true, Ordering::AcqRel) {
+            self.sent_notify.notify_waiters();
+        }
     }
 }
 
@@ -90,12 +102,16 @@ impl HttpBody for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        let Some(shared) = &this.shared else {
+            return Poll::Ready(None);
+        };
         if this.taken.is_none() {
-            if this.end_stream {
-                return Poll::Ready(None);
-            }
-            this.started.store(true, Ordering::Release);
-            this.taken = this.unsent.lock().unwrap_or_else(|e| e.into_inner()).take();
+            shared.started.store(true, Ordering::Release);
+            this.taken = shared
+                .unsent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
         }
         let Some(source) = this.taken.as_mut() else {
             // Taken by an attempt that is still running: this one has nothing to send.
@@ -103,18 +119,20 @@ impl HttpBody for RequestBody {
         };
         let polled = Pin::new(&mut *source).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => this.mark_sent(),
-            Poll::Ready(Some(Ok(_))) if source.is_end_stream() => this.mark_sent(),
+            Poll::Ready(None) => shared.mark_sent(),
+            Poll::Ready(Some(Ok(_))) if source.is_end_stream() => shared.mark_sent(),
             _ => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.end_stream || self.taken.as_ref().is_some_and(HttpBody::is_end_stream)
+        self.shared.is_none() || self.taken.as_ref().is_some_and(HttpBody::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.size_hint
+        self.shared
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |shared| shared.size_hint)
     }
 }
