@@ -165,7 +165,9 @@ impl Activity {
             let wake = if self.requests.load(Ordering::Acquire) == 0 {
                 self.opened + first_request
             } else if self.in_flight.load(Ordering::Acquire) == 0 {
-                self.opened + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire)) + idle
+                self.opened
+                    + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire))
+                    + idle
             } else {
                 now + idle
             };

@@ -130,7 +130,10 @@ mod tests {
         let prebuilt = hello(&hello_head());
         let built = static_site(&Method::GET, "/");
         assert_eq!(prebuilt.status(), built.status());
-        assert_eq!(prebuilt.headers()[CONTENT_TYPE], built.headers()[CONTENT_TYPE]);
+        assert_eq!(
+            prebuilt.headers()[CONTENT_TYPE],
+            built.headers()[CONTENT_TYPE]
+        );
         assert_eq!(prebuilt.headers()[CONTENT_LENGTH], "10");
         assert_eq!(futures_lite_collect(prebuilt.into_body()), HELLO.as_bytes());
     }

@@ -126,8 +126,7 @@ pub(super) fn check(bench: &Bench, fresh_ns: &mut dyn FnMut() -> Result<NetNs>) 
             "h2load_h1_connection_close": {"full": h2_full, "resumed": h2_resumed},
         });
         if let Some(client) = &client {
-            result[&key]["s_time_reuse"] =
-                json!({"full": client_seen.0, "resumed": client_seen.1});
+            result[&key]["s_time_reuse"] = json!({"full": client_seen.0, "resumed": client_seen.1});
             if let Some(failure) = judge_resumption(peer.label(), client, client_seen)? {
                 result[&key]["resumption_failed"] = json!(failure);
             }

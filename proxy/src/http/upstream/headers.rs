@@ -49,7 +49,8 @@ impl ClientAddress {
         };
         ClientAddress {
             peer,
-            ip: HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            ip: HeaderValue::from_str(&text)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             node,
         }
     }
