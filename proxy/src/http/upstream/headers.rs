@@ -84,7 +84,14 @@ pub(super) fn add_forwarding(headers: &mut HeaderMap, client: &ClientAddress, ho
     forwarded.push_str(";proto=https");
     if let Some(host) = host {
         forwarded.push_str(";host=\"");
-        forwarded.push_str(host);
+        // A quoted-string (RFC 9110 5.6.4): the client's Host is not validated, so a quote
+        // or backslash in it is escaped rather than allowed to end the string early.
+        for c in host.chars() {
+            if matches!(c, '"' | '\\') {
+                forwarded.push('\\');
+            }
+            forwarded.push(c);
+        }
         forwarded.push('"');
         if let Ok(value) = HeaderValue::from_str(host) {
             headers.insert(X_FORWARDED_HOST, value.clone());
@@ -140,6 +147,17 @@ mod tests {
             "for=\"[::1]\";proto=https;host=\"localhost\""
         );
         assert_eq!(headers[HOST], "localhost");
+    }
+
+    #[test]
+    fn a_quote_in_the_host_cannot_end_the_forwarded_host_early() {
+        let mut headers = HeaderMap::new();
+        let client = ClientAddress::new("10.1.2.3:5000".parse().expect("addr"));
+        add_forwarding(&mut headers, &client, Some(r#"a";for=evil\"#));
+        assert_eq!(
+            headers["forwarded"],
+            r#"for=10.1.2.3;proto=https;host="a\";for=evil\\""#
+        );
     }
 
     #[test]
