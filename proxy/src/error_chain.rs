@@ -4,25 +4,28 @@
 use std::error::Error;
 
 /// `error` followed by each of its sources, separated by `: `.
-pub(crate) fn error_chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
+pub(crate) fn error_chain(error: &(dyn Error + 'static)) -> String {
+    let mut text = String::new();
+    for (i, cause) in causes(error).enumerate() {
+        if i > 0 {
+            text.push_str(": ");
+        }
+        text.push_str(&cause.to_string());
     }
     text
 }
 
 /// The innermost cause of `error`: often the operating system's answer (an errno), which
 /// the outer messages name only as "failed to ...".
-pub(crate) fn root_cause(error: &dyn Error) -> String {
-    let mut root = error;
-    while let Some(inner) = root.source() {
-        root = inner;
-    }
-    root.to_string()
+pub(crate) fn root_cause(error: &(dyn Error + 'static)) -> String {
+    causes(error).last().unwrap_or(error).to_string()
+}
+
+/// `error` and each of its sources, outermost first.
+pub(crate) fn causes<'a>(
+    error: &'a (dyn Error + 'static),
+) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
+    std::iter::successors(Some(error), |&e| e.source())
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendAddress, UpstreamConfig};
 use crate::ebpf::KernelObserver;
-use crate::error_chain::error_chain;
+use crate::error_chain::{causes, error_chain};
 use crate::http::deadlines::{BodyDeadline, IdleTimeout};
 use crate::http::responses::{Body, text};
 use crate::telemetry::metrics::{BackendMetrics, LabelValue as _, Metrics, UpstreamFailure};
@@ -465,12 +465,6 @@ fn no_response(error: &hyper_util::client::legacy::Error) -> bool {
         }
     }
     closed
-}
-
-fn causes<'a>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
-    std::iter::successors(Some(error), |e| e.source())
 }
 
 fn labels(backends: &[BackendAddress]) -> Vec<String> {
