@@ -127,26 +127,29 @@ impl Connection {
                 |host| responder.certs.serves(host),
                 responder.public_https_port,
             )),
-            Listener::Https => match &responder.upstream {
-                None if request.method() == Method::GET && request.uri().path() == "/" => {
-                    hello(&responder.hello_head)
-                }
-                upstream => {
-                    let mut response = match upstream {
-                        Some(upstream) => {
-                            let client = self
-                                .client_address
-                                .get_or_init(|| ClientAddress::new(self.peer));
-                            let (response, report) = upstream.forward(request, client).await;
-                            upstream_report = report;
-                            response
-                        }
-                        None => static_site(request.method(), request.uri().path()),
-                    };
-                    add_security_headers(response.headers_mut(), &responder.hsts);
-                    response
-                }
-            },
+            // The static hello's head was made once, security fields included.
+            Listener::Https
+                if responder.upstream.is_none()
+                    && request.method() == Method::GET
+                    && request.uri().path() == "/" =>
+            {
+                hello(&responder.hello_head)
+            }
+            Listener::Https => {
+                let mut response = match &responder.upstream {
+                    Some(upstream) => {
+                        let client = self
+                            .client_address
+                            .get_or_init(|| ClientAddress::new(self.peer));
+                        let (response, report) = upstream.forward(request, client).await;
+                        upstream_report = report;
+                        response
+                    }
+                    None => static_site(request.method(), request.uri().path()),
+                };
+                add_security_headers(response.headers_mut(), &responder.hsts);
+                response
+            }
         };
         let exchange = pending.answered(response.status(), upstream_report);
         let activity = self.activity.clone();
