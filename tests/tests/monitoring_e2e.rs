@@ -135,7 +135,16 @@ fn real_prometheus_sees_every_sli_and_panel_under_another_job_and_a_failure_page
         scraped.is_some(),
         "Prometheus never scraped the {sent} requests"
     );
-    std::thread::sleep(Duration::from_secs(3)); // a few rule evaluations
+    // A few rule evaluations, with traffic still flowing: if Prometheus's first scrape came
+    // after the traffic above (a busy machine), the 5m rates would be 0 and the ratios 0/0.
+    let more = Instant::now();
+    while more.elapsed() < Duration::from_secs(3) {
+        let resp = env
+            .run(|| edge_https(&tls))
+            .unwrap_or_else(|e| panic!("HTTPS: {e}"));
+        assert_eq!(resp.text(), "Hello SRE!");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Every recording rule has a value.
     let recording = std::fs::read_to_string(config_dir.join("prometheus/rules/recording.yml"))
