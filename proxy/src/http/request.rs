@@ -6,19 +6,20 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures_util::future::{BoxFuture, Either, Ready, ready};
 use http::header::{HOST, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::ebpf::KernelTimings;
-use crate::http::deadlines::Activity;
+use crate::http::deadlines::{Activity, InFlight};
 use crate::http::exchange::{
     CLIENT_CLOSED_REQUEST, Exchange, PendingExchange, TrackedBody, access_log_enabled,
 };
 use crate::http::redirect;
 use crate::http::responses::{Body, hello, hello_head, static_site, text};
-use crate::http::upstream::{ClientAddress, Upstream};
+use crate::http::upstream::{ClientAddress, Upstream, UpstreamReport};
 use crate::telemetry::metrics::{Listener, Metrics};
 use crate::tls::resolver::CertStore;
 
@@ -70,9 +71,15 @@ pub(super) struct Connection {
     pub(super) client_address: OnceLock<ClientAddress>,
 }
 
+/// A request's answer. Only a forwarded request waits; every other answer is ready at once.
+/// hyper keeps an HTTP/1.1 connection's answer future allocated between requests, so the
+/// upstream call's large state is boxed on its own rather than sized into every future.
+pub(super) type Answer =
+    Either<Ready<Response<TrackedBody>>, BoxFuture<'static, Response<TrackedBody>>>;
+
 impl Connection {
     /// Answers `request`, counts it and logs it.
-    pub(super) async fn handle(&self, request: Request<Incoming>) -> Response<TrackedBody> {
+    pub(super) fn handle(self: &Arc<Self>, request: Request<Incoming>) -> Answer {
         let in_flight = self.activity.begin();
         let started = Instant::now();
         let responder = &self.responder;
@@ -97,7 +104,7 @@ impl Connection {
             (String::new(), String::new())
         };
         // Until a response is ready, the exchange ends as the client leaving (hyper drops
-        // this future when the client resets the stream or closes the connection).
+        // the answer's future when the client resets the stream or closes the connection).
         let pending = PendingExchange::new(
             Exchange {
                 metrics: responder.metrics.clone(),
@@ -115,7 +122,6 @@ impl Connection {
             },
             self.activity.clone(),
         );
-        let mut upstream_report = None;
         let response: Response<Body> = match self.listener {
             // hyper enforces the count for HTTP/1.1 itself; HTTP/2 limits only header bytes.
             _ if request.headers().len() > responder.max_headers => text(
@@ -135,23 +141,38 @@ impl Connection {
             {
                 hello(&responder.hello_head)
             }
-            Listener::Https => {
-                let mut response = match &responder.upstream {
-                    Some(upstream) => {
-                        let client = self
+            Listener::Https => match &responder.upstream {
+                Some(upstream) => {
+                    let upstream = upstream.clone();
+                    let connection = self.clone();
+                    return Either::Right(Box::pin(async move {
+                        let client = connection
                             .client_address
-                            .get_or_init(|| ClientAddress::new(self.peer));
-                        let (response, report) = upstream.forward(request, client).await;
-                        upstream_report = report;
-                        response
-                    }
-                    None => static_site(request.method(), request.uri().path()),
-                };
-                add_security_headers(response.headers_mut(), &responder.hsts);
-                response
-            }
+                            .get_or_init(|| ClientAddress::new(connection.peer));
+                        let (mut response, report) = upstream.forward(request, client).await;
+                        add_security_headers(response.headers_mut(), &connection.responder.hsts);
+                        connection.track(response, pending, report, in_flight)
+                    }));
+                }
+                None => {
+                    let mut response = static_site(request.method(), request.uri().path());
+                    add_security_headers(response.headers_mut(), &responder.hsts);
+                    response
+                }
+            },
         };
-        let exchange = pending.answered(response.status(), upstream_report);
+        Either::Left(ready(self.track(response, pending, None, in_flight)))
+    }
+
+    /// The answer with the body that counts and logs the exchange when it ends.
+    fn track(
+        &self,
+        response: Response<Body>,
+        pending: PendingExchange,
+        upstream: Option<UpstreamReport>,
+        in_flight: InFlight,
+    ) -> Response<TrackedBody> {
+        let exchange = pending.answered(response.status(), upstream);
         let activity = self.activity.clone();
         response.map(|body| TrackedBody::new(body, exchange, activity, in_flight))
     }

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -209,10 +210,8 @@ impl Server {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let activity = connection.activity.clone();
-        let service = service_fn(move |request| {
-            let connection = connection.clone();
-            async move { Ok::<_, Infallible>(connection.handle(request).await) }
-        });
+        let service =
+            service_fn(move |request| connection.handle(request).map(Ok::<_, Infallible>));
         // This connection's HTTP/2 streams run in its own task (`streams.rs`).
         let streams = ConnectionStreams::default();
         let builder = http_builder(&self.config, protocols, streams.clone());
