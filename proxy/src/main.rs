@@ -4,6 +4,11 @@ use std::process::ExitCode;
 
 use proxy::Cli;
 
+/// jemalloc rather than glibc's malloc: fewer instructions per request and handshake, and
+/// less memory per idle HTTP/2 connection (measured in the README's performance section).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse_with_config(std::env::args_os()).unwrap_or_else(|e| e.exit());
     proxy::init_logging(&cli);

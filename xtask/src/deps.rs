@@ -29,6 +29,7 @@ pub(crate) const PACKAGES: &[&str] = &[
     "groff-base", // `groff`: the manual pages render without a warning
     "man-db",     // `man -l`: the packaged manual pages render (cargo xtask package)
     "lintian",    // Debian's package checks (cargo xtask package)
+    "make",       // builds jemalloc, the proxy's allocator (tikv-jemalloc-sys)
 ];
 
 /// Makes sure every package of [`PACKAGES`] is installed, installing what is missing when this

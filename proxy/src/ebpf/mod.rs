@@ -187,14 +187,29 @@ pub(crate) fn start(
     }
 }
 
-/// Loading parses the kernel's BTF (several MiB) and frees it again; glibc keeps freed heap
-/// pages unless asked, and they would stay resident for the whole run.
+/// Loading parses the kernel's BTF (several MiB) and frees it again; the allocator keeps
+/// freed pages for reuse and returns them only as it sees more work, so an idle proxy
+/// would hold them resident.
 fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[allow(unsafe_code, reason = "a libc call with no safe wrapper; see SAFETY")]
-    // SAFETY: malloc_trim takes no pointers; it only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
+    // `arena.<MALLCTL_ARENAS_ALL>.purge`: every arena's unused pages go back to the kernel.
+    const PURGE_ALL_ARENAS: &std::ffi::CStr = c"arena.4096.purge";
+    #[allow(
+        unsafe_code,
+        reason = "jemalloc's control call has no safe wrapper; see SAFETY"
+    )]
+    // SAFETY: the name is NUL-terminated; purge reads and writes no value, so every value
+    // pointer is null and the length 0, as jemalloc requires of this command.
+    let status = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            PURGE_ALL_ARENAS.as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if status != 0 {
+        tracing::debug!(status, "returning freed memory to the kernel failed");
     }
 }
 
