@@ -2,9 +2,9 @@
 //! nginx, HAProxy and h2o, on one server core with the load generator on another. Every
 //! contender runs in its own fresh network namespace on the real ports 80/443, the client
 //! inside the same namespace; each contender's answer is checked to be the proxy's before it
-//! is measured; the contenders are interleaved (A B C A B C ...) over the repetitions, and the
-//! report gives medians with min–max, the ratios proxy/nginx, proxy/best peer and
-//! attached/detached, and the targets. A markdown table is printed at the end and the raw
+//! is measured; the contenders are interleaved over the repetitions, each repetition
+//! starting one contender later (A B C, B C A, C A B ...), and the report gives medians with
+//! min–max, the ratios proxy/nginx, proxy/best peer and attached/detached, and the targets. A markdown table is printed at the end and the raw
 //! figures written to `target/bench/bench-<UTC time>.json`. `--smoke` runs the harness
 //! itself for the test suite (every contender started, checked and loaded for a second, every
 //! scenario below run at least once at a tiny size, no report).
@@ -304,7 +304,11 @@ fn run(opts: Options) -> Result<()> {
         },
     };
     for rep in 1..=reps {
-        for (i, &contender) in contenders.iter().enumerate() {
+        // Each repetition starts one contender later, so that none always runs first (after
+        // the previous repetition's slowest start) or always right after the same neighbour.
+        let mut order = contenders.clone();
+        order.rotate_left((rep - 1) % contenders.len());
+        for (i, &contender) in order.iter().enumerate() {
             let done = (rep - 1) * contenders.len() + i;
             let elapsed = measuring.elapsed().as_secs();
             let left = if done == 0 {
@@ -313,7 +317,7 @@ fn run(opts: Options) -> Result<()> {
                 // Scale the plan by how long the runs so far really took.
                 let planned_done: u64 = (rep as u64 - 1)
                     * contenders.iter().map(|&c| per_run(c)).sum::<u64>()
-                    + contenders[..i].iter().map(|&c| per_run(c)).sum::<u64>();
+                    + order[..i].iter().map(|&c| per_run(c)).sum::<u64>();
                 (total - planned_done) * elapsed / planned_done.max(1)
             };
             println!(
