@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use proxy::Cli;
 
-/// jemalloc rather than glibc's malloc: fewer instructions per request and handshake, and
-/// less memory per idle HTTP/2 connection (measured in the README's performance section).
+/// jemalloc rather than glibc's malloc: fewer instructions per request and per handshake
+/// (measured in the README's performance section).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

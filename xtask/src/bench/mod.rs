@@ -4,8 +4,9 @@
 //! inside the same namespace; each contender's answer is checked to be the proxy's before it
 //! is measured; the contenders are interleaved over the repetitions, each repetition
 //! starting one contender later (A B C, B C A, C A B ...), and the report gives medians with
-//! min–max, the ratios proxy/nginx, proxy/best peer and attached/detached, and the targets. A markdown table is printed at the end and the raw
-//! figures written to `target/bench/bench-<UTC time>.json`. `--smoke` runs the harness
+//! min–max, the ratios proxy/nginx, proxy/best peer and attached/detached, and the targets.
+//! A markdown table is printed at the end and the raw figures written to
+//! `target/bench/bench-<UTC time>.json`. `--smoke` runs the harness
 //! itself for the test suite (every contender started, checked and loaded for a second, every
 //! scenario below run at least once at a tiny size, no report).
 //!
