@@ -54,6 +54,15 @@ impl RequestBody {
         }
     }
 
+    /// A body with nothing in it.
+    #[cfg(test)]
+    pub(super) fn empty() -> Self {
+        RequestBody {
+            shared: None,
+            taken: None,
+        }
+    }
+
     /// Resolves once the whole body has been handed to a backend (at once for a request
     /// without one): the response head's deadline runs from there, so that a long upload
     /// is not mistaken for a slow backend.

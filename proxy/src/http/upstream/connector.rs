@@ -1,24 +1,19 @@
-//! The connector of the upstream client: opens the proxy's own TCP connections to one
+//! The connector of the upstream client ([`super::client`]): opens the proxy's own TCP connections to one
 //! backend, at its resolved addresses in order (the request's authority is not used), each
 //! attempt under the connect deadline, with TCP_NODELAY. With a kernel observer, each socket
 //! is registered before `connect()` (by socket cookie: registering by local port would race
 //! a loopback handshake that completes before `connect()` returns), so the kernel measures
 //! exactly the proxy's own connections; the kernel's connect time is read as soon as the
-//! connection is up and travels with it, in every response's extensions
+//! connection is up and travels with it, beside every response it carries
 //! ([`UpstreamConnection`]). A connector without an observer (health checks) is not measured
 //! in the kernel.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
@@ -26,9 +21,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::ebpf::KernelObserver;
 use crate::telemetry::metrics::Metrics;
 
-/// Opens connections to one backend; a `tower_service::Service<Uri>` for hyper-util's
-/// legacy client. Cheap to clone (the client clones it for every connection).
-#[derive(Clone, Debug)]
+/// Opens connections to one backend.
+#[derive(Debug)]
 pub(crate) struct Connector {
     /// The `backend` label: the configured `host:port`.
     backend: Arc<str>,
@@ -41,7 +35,7 @@ pub(crate) struct Connector {
 }
 
 /// What the connector knows about one upstream connection; every response received on it
-/// carries a clone in its extensions.
+/// comes with a clone.
 #[derive(Clone, Debug)]
 pub(crate) struct UpstreamConnection {
     /// The kernel's SYN-sent to ESTABLISHED time, read right after `connect()`; `None`
@@ -141,73 +135,11 @@ impl Connector {
     }
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamStream;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<UpstreamStream>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    /// The URI's authority is ignored: this connector only ever connects to its backend.
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let connector = self.clone();
-        Box::pin(async move { connector.connect().await })
-    }
-}
-
 /// An open upstream connection: the TCP stream and what is known about it.
 #[derive(Debug)]
 pub(crate) struct UpstreamStream {
-    io: TokioIo<TcpStream>,
-    connection: UpstreamConnection,
-}
-
-impl Connection for UpstreamStream {
-    fn connected(&self) -> Connected {
-        Connected::new().extra(self.connection.clone())
-    }
-}
-
-impl hyper::rt::Read for UpstreamStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for UpstreamStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
+    pub(super) io: TokioIo<TcpStream>,
+    pub(super) connection: UpstreamConnection,
 }
 
 #[cfg(test)]

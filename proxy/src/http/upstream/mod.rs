@@ -1,5 +1,6 @@
-//! Upstream mode: forward HTTPS requests to a pool of backends over pooled HTTP/1.1
-//! clients, with `Forwarded`/`X-Forwarded-*` added and hop-by-hop headers removed.
+//! Upstream mode: forward HTTPS requests to a pool of backends over kept-alive HTTP/1.1
+//! connections (`client.rs`), with `Forwarded`/`X-Forwarded-*` added and hop-by-hop headers
+//! removed.
 //!
 //! Each request goes to the backend the pool chooses (`pool.rs`). A request that failed
 //! before any of its bytes reached a backend (no connection, a pooled connection found
@@ -14,6 +15,7 @@
 
 mod body;
 mod budget;
+mod client;
 mod connector;
 mod headers;
 mod health;
@@ -25,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::HOST;
-use http::uri::{Authority, Parts as UriParts, PathAndQuery, Scheme};
+use http::header::{HOST, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -40,6 +42,7 @@ use crate::http::responses::{Body, text};
 use crate::telemetry::metrics::{BackendMetrics, LabelValue as _, Metrics, UpstreamFailure};
 use body::RequestBody;
 use budget::RetryBudget;
+use client::SendError;
 use connector::UpstreamConnection;
 use pool::{Backend, FailOpen, Pool};
 
@@ -278,23 +281,11 @@ impl Upstream {
                 break;
             };
             self.fail_open.note(fail_open);
-            let mut target = UriParts::default();
-            target.scheme = Some(Scheme::HTTP);
-            target.authority = Some(backend.address.authority.clone());
-            target.path_and_query = Some(path_and_query.clone());
-            let Ok(uri) = Uri::from_parts(target) else {
-                return (
-                    text(
-                        StatusCode::BAD_REQUEST,
-                        "request target cannot be forwarded\n",
-                    ),
-                    None,
-                );
-            };
             let resend = body.again();
             let mut attempt = Request::new(body);
             *attempt.method_mut() = parts.method.clone();
-            *attempt.uri_mut() = uri;
+            // Origin form: the connection is the backend's already.
+            *attempt.uri_mut() = Uri::from(path_and_query.clone());
             *attempt.version_mut() = Version::HTTP_11;
             // The headers are kept for a retry only where one can happen: on the first
             // attempt, with another backend to retry on.
@@ -303,6 +294,12 @@ impl Upstream {
             } else {
                 std::mem::take(&mut parts.headers)
             };
+            // A request without a host (HTTP/1.0) is for the backend's own name.
+            if !attempt.headers().contains_key(HOST)
+                && let Ok(value) = HeaderValue::from_str(backend.address.authority.as_str())
+            {
+                attempt.headers_mut().insert(HOST, value);
+            }
 
             let load = backend.load();
             let started = Instant::now();
@@ -314,7 +311,7 @@ impl Upstream {
                 tokio::time::sleep(config.timeout).await;
             };
             let outcome = tokio::select! {
-                response = backend.client.request(attempt) => Ok(response),
+                response = backend.client.send(attempt) => Ok(response),
                 () = head_deadline => Err(()),
             };
             let head_time = started.elapsed();
@@ -339,7 +336,7 @@ impl Upstream {
                 }
             };
             match outcome {
-                Ok(Ok(response)) => {
+                Ok(Ok((response, connection))) => {
                     let status = response.status();
                     if status.is_server_error() {
                         self.failed_live(&backend, &config);
@@ -347,13 +344,12 @@ impl Upstream {
                         backend.succeeded_live();
                     }
                     let (mut head, body) = response.into_parts();
-                    let connection = head.extensions.remove::<UpstreamConnection>();
                     headers::remove_hop_by_hop(&mut head.headers);
                     let body =
                         IdleTimeout::new(body, config.body_timeout, BodyDeadline::Upstream).boxed();
                     return (
                         Response::from_parts(head, body),
-                        Some(report(Some(status), Some(load), connection.as_ref())),
+                        Some(report(Some(status), Some(load), Some(&connection))),
                     );
                 }
                 Ok(Err(e)) => {
@@ -372,7 +368,7 @@ impl Upstream {
                     };
                     backend.metrics.failed(kind);
                     self.failed_live(&backend, &config);
-                    let unsent = e.is_connect() || nothing_sent(&e);
+                    let unsent = e.is_unsent();
                     let may_retry = unsent || (is_idempotent(&parts.method) && no_response(&e));
                     if may_retry
                         && tried.is_empty()
@@ -435,18 +431,9 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Whether the request never left: a pooled connection found closed before it was written.
-fn nothing_sent(error: &hyper_util::client::legacy::Error) -> bool {
-    causes(error).any(|cause| {
-        cause
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_canceled)
-    })
-}
-
 /// Whether the backend sent no byte of a response: the connection closed or was reset
 /// before any. A malformed response (bytes came back) or a timeout does not qualify.
-fn no_response(error: &hyper_util::client::legacy::Error) -> bool {
+fn no_response(error: &SendError) -> bool {
     let mut closed = false;
     for cause in causes(error) {
         if let Some(e) = cause.downcast_ref::<hyper::Error>() {

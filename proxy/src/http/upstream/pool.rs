@@ -1,4 +1,4 @@
-//! The pool: its backends, each with a pooled HTTP/1.1 client, a load count and a health
+//! The pool: its backends, each with its HTTP/1.1 client (`client.rs`), a load count and a health
 //! state, and the choice of a backend per request.
 //!
 //! The choice is the power of two choices on outstanding requests: two healthy backends
@@ -16,13 +16,10 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
-use super::body::RequestBody;
+use super::client::BackendClient;
 use super::connector::Connector;
 use crate::config::{BackendAddress, Balance, UpstreamConfig};
 use crate::ebpf::KernelObserver;
@@ -38,7 +35,7 @@ pub(crate) struct Backend {
     pub(super) label: Arc<str>,
     /// What its name resolved to.
     pub(super) addrs: Vec<SocketAddr>,
-    pub(super) client: Client<Connector, RequestBody>,
+    pub(super) client: BackendClient,
     pub(super) metrics: BackendMetrics,
     outstanding: AtomicUsize,
     healthy: AtomicBool,
@@ -73,14 +70,9 @@ impl Backend {
             kernel,
             metrics,
         );
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            // What a response may hold in the proxy while its client reads slowly: 64 KiB
-            // per connection, not hyper's default of about 400 KiB.
-            .http1_max_buf_size(UPSTREAM_READ_BUFFER)
-            .build(connector);
+        // What a response may hold in the proxy while its client reads slowly: 64 KiB per
+        // connection, not hyper's default of about 400 KiB.
+        let client = BackendClient::new(connector, UPSTREAM_READ_BUFFER);
         let backend_metrics = metrics.backend(&label);
         backend_metrics.set_healthy(true);
         Arc::new(Backend {
@@ -285,6 +277,8 @@ fn power_of_two<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::time::Duration;
 
     fn backend(label: &str, outstanding: usize, healthy: bool) -> Arc<Backend> {
         let metrics = Metrics::new().expect("metrics");
