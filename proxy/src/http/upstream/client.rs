@@ -355,14 +355,19 @@ mod tests {
         String::from_utf8(bytes.to_vec()).expect("utf8")
     }
 
+    /// Sends `times` requests one after the other, each answered `hello`.
+    async fn fetch_hello(client: &BackendClient, times: usize) {
+        for _ in 0..times {
+            let (response, _) = client.send(get()).await.expect("answer");
+            assert_eq!(body_text(response).await, "hello");
+        }
+    }
+
     #[tokio::test]
     async fn a_connection_is_reused_once_its_response_has_ended() {
         let (addr, accepted) = backend(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
         let (client, metrics) = client(addr);
-        for _ in 0..3 {
-            let (response, _) = client.send(get()).await.expect("answer");
-            assert_eq!(body_text(response).await, "hello");
-        }
+        fetch_hello(&client, 3).await;
         assert_eq!(
             *accepted.lock().expect("count"),
             1,
@@ -405,10 +410,7 @@ mod tests {
             backend(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
                 .await;
         let (client, _) = client(addr);
-        for _ in 0..2 {
-            let (response, _) = client.send(get()).await.expect("answer");
-            assert_eq!(body_text(response).await, "hello");
-        }
+        fetch_hello(&client, 2).await;
         assert_eq!(*accepted.lock().expect("count"), 2);
     }
 
@@ -419,10 +421,7 @@ mod tests {
         let (addr, accepted) =
             backend_closing(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", true).await;
         let (client, _) = client(addr);
-        for _ in 0..5 {
-            let (response, _) = client.send(get()).await.expect("answer");
-            assert_eq!(body_text(response).await, "hello");
-        }
+        fetch_hello(&client, 5).await;
         assert_eq!(*accepted.lock().expect("count"), 5);
     }
 
