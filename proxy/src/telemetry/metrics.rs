@@ -7,6 +7,7 @@
 //! value is exported at 0 from the start, so rates and ratios over it are 0 rather than
 //! absent before the first event.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus::{
@@ -135,6 +136,9 @@ pub(crate) enum Certificate {
 }
 impl LabelValue for Certificate {}
 
+/// The statuses most answers have, whose complete-answer counters are kept resolved.
+const COMMON_STATUSES: [u16; 8] = [200, 204, 301, 304, 308, 404, 502, 504];
+
 /// Every application metric, registered once at start-up.
 #[derive(Clone)]
 pub(crate) struct Metrics {
@@ -144,6 +148,9 @@ pub(crate) struct Metrics {
     /// `http_request_duration` of each listener, resolved once: a label lookup hashes its
     /// values, and this one is made for every request.
     request_duration_by_listener: [Histogram; 2],
+    /// `http_requests` of the commonest answers (complete, by listener and status), each
+    /// resolved on its first use, for the same reason; shared by every clone.
+    common_answers: Arc<[[OnceLock<IntCounter>; COMMON_STATUSES.len()]; 2]>,
     tls_handshake_duration: Histogram,
     tls_handshake_failures: IntCounterVec,
     connections_open: IntGaugeVec,
@@ -292,6 +299,7 @@ impl Metrics {
             )?,
             request_duration_by_listener: [Listener::Http, Listener::Https]
                 .map(|l| http_request_duration.with_label_values(&[l.as_str()])),
+            common_answers: Arc::default(),
             http_request_duration,
             tls_handshake_duration: histogram(
                 "proxy_tls_handshake_duration_seconds",
@@ -376,14 +384,21 @@ impl Metrics {
         outcome: Outcome,
         elapsed: Duration,
     ) {
-        let duration = match listener {
-            Listener::Http => &self.request_duration_by_listener[0],
-            Listener::Https => &self.request_duration_by_listener[1],
+        let index = match listener {
+            Listener::Http => 0,
+            Listener::Https => 1,
         };
-        self.http_requests
-            .with_label_values(&[listener.as_str(), status.as_str(), outcome.as_str()])
-            .inc();
-        duration.observe(elapsed.as_secs_f64());
+        let common = (outcome == Outcome::Complete)
+            .then(|| COMMON_STATUSES.iter().position(|&c| c == status.as_u16()))
+            .flatten();
+        let labels = || [listener.as_str(), status.as_str(), outcome.as_str()];
+        match common {
+            Some(slot) => self.common_answers[index][slot]
+                .get_or_init(|| self.http_requests.with_label_values(&labels()))
+                .inc(),
+            None => self.http_requests.with_label_values(&labels()).inc(),
+        }
+        self.request_duration_by_listener[index].observe(elapsed.as_secs_f64());
     }
 
     /// Records a completed TLS handshake.
@@ -606,6 +621,36 @@ mod tests {
                 "{name} missing from:\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn answers_are_counted_by_listener_status_and_outcome() {
+        let metrics = Metrics::new().expect("metrics register");
+        let clone = metrics.clone();
+        let answer = |m: &Metrics, listener, code: u16, outcome| {
+            let status = http::StatusCode::from_u16(code).expect("status");
+            m.request_answered(listener, status, outcome, Duration::from_millis(1));
+        };
+        // A common answer twice, once through a clone: one series, shared.
+        answer(&metrics, Listener::Https, 200, Outcome::Complete);
+        answer(&clone, Listener::Https, 200, Outcome::Complete);
+        answer(&metrics, Listener::Http, 308, Outcome::Complete);
+        answer(&metrics, Listener::Https, 200, Outcome::ClientClosed);
+        answer(&metrics, Listener::Https, 418, Outcome::Complete);
+        let text = String::from_utf8(metrics.render()).expect("utf8");
+        for series in [
+            r#"proxy_http_requests_total{code="200",listener="https",outcome="complete"} 2"#,
+            r#"proxy_http_requests_total{code="308",listener="http",outcome="complete"} 1"#,
+            r#"proxy_http_requests_total{code="200",listener="https",outcome="client_closed"} 1"#,
+            r#"proxy_http_requests_total{code="418",listener="https",outcome="complete"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+        assert_eq!(
+            text.matches("proxy_http_requests_total{").count(),
+            4,
+            "{text}"
+        );
     }
 
     /// The SLO thresholds the monitoring compares with (`le="0.262144"`: latency;
