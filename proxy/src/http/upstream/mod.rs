@@ -3,10 +3,10 @@
 //! removed.
 //!
 //! Each request goes to the backend the pool chooses (`pool.rs`). A request that failed
-//! before any of its bytes reached a backend (no connection, a pooled connection found
-//! closed) is retried once on another backend; one that failed after, only if its method is
-//! idempotent (RFC 9110 9.2.2), its body can be sent again and no byte of a response came
-//! back. Retries are bounded by the budget (`budget.rs`). Failures become 502/504 with a
+//! before any of its bytes reached a backend (no connection, a new connection closed first;
+//! a kept-alive one found closed is the client's to replace) is retried once on another
+//! backend; one that failed after, only if its method is idempotent (RFC 9110 9.2.2), its
+//! body can be sent again and no byte of a response came back. Retries are bounded by the budget (`budget.rs`). Failures become 502/504 with a
 //! plain-text reason and are counted per backend and kind.
 //!
 //! Deadlines: connect, response head (`--upstream-timeout`), response body idle
