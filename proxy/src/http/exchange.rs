@@ -17,8 +17,9 @@ use crate::ebpf::KernelTimings;
 use crate::http::deadlines::{Activity, BodyDeadline, Closed, InFlight, SendWatch};
 use crate::http::responses::{Body, BoxError};
 use crate::http::upstream::UpstreamReport;
+use crate::telemetry::labels::{LabelValue as _, Listener, Outcome, UpstreamFailure};
 use crate::telemetry::logging::ACCESS_TARGET;
-use crate::telemetry::metrics::{LabelValue as _, Listener, Metrics, Outcome, UpstreamFailure};
+use crate::telemetry::metrics::Metrics;
 
 /// The status logged and counted for a request whose client left before its response was
 /// ready (nginx's 499).

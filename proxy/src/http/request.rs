@@ -20,7 +20,8 @@ use crate::http::exchange::{
 use crate::http::redirect;
 use crate::http::responses::{Body, hello, hello_head, static_site, text};
 use crate::http::upstream::{ClientAddress, Upstream, UpstreamReport};
-use crate::telemetry::metrics::{Listener, Metrics};
+use crate::telemetry::labels::Listener;
+use crate::telemetry::metrics::Metrics;
 use crate::tls::resolver::CertStore;
 
 /// What answers requests, shared by every connection.

@@ -3,6 +3,7 @@
 //! the proxy's network namespace, and logging (plain or JSON lines, the access log).
 
 pub(crate) mod admin;
+pub(crate) mod labels;
 pub(crate) mod listen_queue;
 pub(crate) mod logging;
 pub(crate) mod metrics;

@@ -1,7 +1,7 @@
 //! Why a TLS handshake failed, as a bounded label ([`TlsFailure`]) for
 //! `proxy_tls_handshake_failures_total`.
 
-use crate::telemetry::metrics::TlsFailure;
+use crate::telemetry::labels::TlsFailure;
 
 /// A bounded label for why a handshake failed.
 pub(crate) fn failure_reason(error: &std::io::Error) -> TlsFailure {

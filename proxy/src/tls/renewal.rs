@@ -10,8 +10,8 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Reload};
-use crate::telemetry::metrics::LabelValue as _;
-use crate::telemetry::metrics::{Certificate, Metrics, Reloaded};
+use crate::telemetry::labels::{Certificate, LabelValue as _, Reloaded};
+use crate::telemetry::metrics::Metrics;
 use crate::tls::certificates::{self, CertError, ServingCert, rfc3339};
 use crate::tls::resolver::CertStore;
 
