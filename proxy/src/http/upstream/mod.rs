@@ -6,8 +6,9 @@
 //! before any of its bytes reached a backend (no connection, a new connection closed first;
 //! a kept-alive one found closed is the client's to replace) is retried once on another
 //! backend; one that failed after, only if its method is idempotent (RFC 9110 9.2.2), its
-//! body can be sent again and no byte of a response came back. Retries are bounded by the budget (`budget.rs`). Failures become 502/504 with a
-//! plain-text reason and are counted per backend and kind.
+//! body can be sent again and no byte of a response came back. Retries are bounded by the
+//! budget (`budget.rs`). Failures become 502/504 with a plain-text reason and are counted
+//! per backend and kind.
 //!
 //! Deadlines: connect, response head (`--upstream-timeout`), response body idle
 //! (`--upstream-body-timeout`) and request body idle (`--client-body-timeout`: 408 before a
@@ -39,7 +40,8 @@ use crate::ebpf::KernelObserver;
 use crate::error_chain::{causes, error_chain};
 use crate::http::deadlines::{BodyDeadline, IdleTimeout};
 use crate::http::responses::{Body, text};
-use crate::telemetry::metrics::{BackendMetrics, LabelValue as _, Metrics, UpstreamFailure};
+use crate::telemetry::labels::{LabelValue as _, UpstreamFailure};
+use crate::telemetry::metrics::{BackendMetrics, Metrics};
 use body::RequestBody;
 use budget::RetryBudget;
 use client::SendError;
@@ -262,6 +264,8 @@ impl Upstream {
             .map(Authority::as_str)
             .or_else(|| host_header.as_ref().and_then(|h| h.to_str().ok()));
         headers::add_forwarding(&mut parts.headers, client, host);
+        // Looked up only when the client sent none (h2): `add_forwarding` may have set one.
+        let has_host = host_header.is_some() || parts.headers.contains_key(HOST);
         let client_body_timed_out = Arc::new(AtomicBool::new(false));
         let body = RequestBody::new(
             IdleTimeout::new(body, self.client_body_timeout, BodyDeadline::Client)
@@ -295,7 +299,7 @@ impl Upstream {
                 std::mem::take(&mut parts.headers)
             };
             // A request without a host (HTTP/1.0) is for the backend's own name.
-            if !attempt.headers().contains_key(HOST)
+            if !has_host
                 && let Ok(value) = HeaderValue::from_str(backend.address.authority.as_str())
             {
                 attempt.headers_mut().insert(HOST, value);

@@ -1,5 +1,5 @@
-//! The pool: its backends, each with its HTTP/1.1 client (`client.rs`), a load count and a health
-//! state, and the choice of a backend per request.
+//! The pool: its backends, each with its HTTP/1.1 client (`client.rs`), a load count and a
+//! health state, and the choice of a backend per request.
 //!
 //! The choice is the power of two choices on outstanding requests: two healthy backends
 //! drawn at random, the one with fewer requests in flight wins. Unlike round robin it sends
